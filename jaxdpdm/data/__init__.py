@@ -1,0 +1,19 @@
+"""Image datasets for jaxdpdm: sources, preprocessing and the `load_dataset` entry point.
+
+    spec = DataSpec(name="fashion_mnist", image_size=28, channels=1)
+    dataset = load_dataset(spec)   # images uint8 [N, 28, 28, 1], labels int32 [N]
+    print(dataset.summary())
+
+TensorFlow (for "tfds:<name>" datasets) is imported only when such a dataset is loaded.
+"""
+
+from jaxdpdm.data.preprocessing import (convert_channels, filter_classes, from_model_range,
+                                        public_private_indices, resize_images,
+                                        split_public_private, to_model_range)
+from jaxdpdm.data.sources import KNOWN_DATASETS, DataSpec, ImageDataset, load_dataset
+
+__all__ = [
+    "KNOWN_DATASETS", "DataSpec", "ImageDataset", "load_dataset", "filter_classes",
+    "split_public_private", "convert_channels", "resize_images", "to_model_range",
+    "from_model_range", "public_private_indices",
+]
