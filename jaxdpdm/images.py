@@ -1,0 +1,105 @@
+"""Small host-side image utilities shared by sampling, evaluation and the training loop.
+
+Conventions (see the package spec): images on the host are uint8 `[N, H, W, C]`; models see
+float32 in [-1, 1]. These helpers are numpy-only on purpose: they run after a device transfer
+and must not trigger compilation. Pillow is imported only when a PNG is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+def to_uint8(images) -> np.ndarray:
+    """Maps float images in [-1, 1] to uint8 in [0, 255].
+
+    Rounds to the nearest level (improved-diffusion truncates, which biases every pixel down by
+    half a level); values outside [-1, 1] are clipped, NaN becomes 0.
+
+    Args:
+      images: float array `[..., H, W, C]` (numpy or jax) in [-1, 1].
+    Returns:
+      np.uint8 array of the same shape.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    x = np.nan_to_num(x, nan=-1.0)
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images) -> np.ndarray:
+    """Maps uint8 images in [0, 255] to float32 in [-1, 1] (the inverse of `to_uint8` on levels).
+
+    Args:
+      images: uint8 array `[..., H, W, C]`.
+    Returns:
+      np.float32 array of the same shape.
+    """
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ValueError(f"from_uint8 expects a uint8 array, got dtype {x.dtype}")
+    return x.astype(np.float32) / 127.5 - 1.0
+
+
+def make_grid(images, rows: int, *, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tiles images into one image with `rows` rows, filled row by row.
+
+    Args:
+      images: uint8 `[N, H, W, C]` with C in {1, 3}.
+      rows: number of rows (>= 1); columns = ceil(N / rows). Missing cells stay `pad_value`.
+      padding: pixels between (and around) the cells.
+      pad_value: uint8 level of the background.
+    Returns:
+      uint8 `[rows*(H+p)+p, cols*(W+p)+p, C]`.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"make_grid expects uint8 [N, H, W, C] with C in (1, 3), "
+                         f"got {images.dtype} {images.shape}")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    n, h, w, c = images.shape
+    cols = max(1, -(-n // rows))
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), pad_value,
+                   np.uint8)
+    for i in range(min(n, rows * cols)):
+        r, col = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 2) -> str:
+    """Writes `make_grid(images, rows)` as a PNG, atomically (temp file, then `os.replace`).
+
+    Args:
+      images: uint8 `[N, H, W, C]` with C in {1, 3}.
+      path: destination file; its directory is created if missing.
+      rows: number of grid rows (e.g. one per class).
+      padding: pixels between cells.
+    Returns:
+      The path written, as a string.
+    """
+    from PIL import Image  # imported here: the samplers that import this module need no Pillow
+
+    grid = make_grid(images, rows, padding=padding)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # A reader (or a killed writer) never sees a half-written PNG.
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
