@@ -7,10 +7,12 @@ and must not trigger compilation. Pillow is imported only when a PNG is written.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 
 import numpy as np
+
+from jaxdpdm import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -73,8 +75,20 @@ def make_grid(images, rows: int, *, padding: int = 2, pad_value: int = 0) -> np.
     return grid
 
 
+def encode_grid_png(images, rows: int, *, padding: int = 2) -> bytes:
+    """`make_grid(images, rows)` encoded as PNG bytes (for writers that are not local files)."""
+    from PIL import Image  # imported here: the samplers that import this module need no Pillow
+
+    grid = make_grid(images, rows, padding=padding)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 2) -> str:
-    """Writes `make_grid(images, rows)` as a PNG, atomically (temp file, then `os.replace`).
+    """Writes `make_grid(images, rows)` as a PNG, atomically (local or `gs://` path).
 
     Args:
       images: uint8 `[N, H, W, C]` with C in {1, 3}.
@@ -84,22 +98,6 @@ def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 
     Returns:
       The path written, as a string.
     """
-    from PIL import Image  # imported here: the samplers that import this module need no Pillow
-
-    grid = make_grid(images, rows, padding=padding)
-    if grid.shape[-1] == 1:
-        grid = grid[..., 0]
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A reader (or a killed writer) never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    storage.write_bytes(path, encode_grid_png(images, rows, padding=padding))
     return path

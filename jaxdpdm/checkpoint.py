@@ -1,0 +1,184 @@
+"""Atomic orbax checkpoints of the whole training state, privacy ledger included.
+
+A checkpoint is a folder `WORKDIR/checkpoints/<step>/` with two items:
+
+* `state`: the array pytree `{"step", "params", "ema_params", "opt_state"}`;
+* `meta`: JSON with the privacy ledger, the noise multiplier, the model and data description and
+    the config of the run that wrote it.
+
+Both items are written by one orbax `CheckpointManager.save`, which writes into a temporary folder
+and renames it only when complete, so a crash mid-write never leaves a checkpoint whose state and
+ledger disagree. No RNG state is stored: all randomness derives from `(seed, step)`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxdpdm import storage
+from jaxdpdm.dp.clipping import param_path
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(path: str) -> str:
+    """Returns the checkpoint folder for `path`, which is a workdir or a checkpoint folder."""
+    path = storage.normalize(path)
+    nested = storage.join(path, CHECKPOINT_SUBDIR)
+    return nested if storage.isdir(nested) else path
+
+
+def has_checkpoint(path: str) -> bool:
+    """Whether `path` (a workdir or checkpoint folder) holds at least one complete checkpoint."""
+    directory = checkpoint_dir(path)
+    if not storage.isdir(directory):
+        return False
+    return any(name.isdigit() for name in storage.listdir(directory))
+
+
+class CheckpointStore:
+    """Saves and restores `(state, meta)` pairs, keeping the newest `keep` checkpoints.
+
+    Args:
+        directory: the checkpoint folder (created if missing).
+        keep: how many checkpoints to keep; older ones are deleted after a successful save.
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, create: bool = True):
+        self.directory = storage.normalize(directory)
+        options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=create,
+                # Synchronous saves: the ledger on disk must never lag behind a step we report as saved,
+                # and a Ctrl-C right after `save` returns must not lose the write.
+                enable_async_checkpointing=False,
+        )
+        self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Writes `state` (array pytree) and `meta` (JSON-serialisable dict) as checkpoint `step`."""
+        self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Reads only the JSON metadata of checkpoint `step` (default: the newest)."""
+        step = self._resolve_step(step)
+        restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores checkpoint `step` (default: the newest) into the structure of `target`.
+
+        Args:
+            target: a pytree of arrays (or `jax.ShapeDtypeStruct`s with shardings) with the structure,
+                shapes, dtypes and shardings the restored state must have.
+
+        Returns:
+            `(state, meta)`.
+
+        Raises:
+            ValueError: when the saved arrays do not fit `target` (a different model, say).
+        """
+        step = self._resolve_step(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                    f"checkpoint {step} in {self.directory} does not match this model/optimizer: {e}"
+            ) from e
+        return restored["state"], dict(restored["meta"])
+
+    def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
+        """Restores checkpoint `step` without a target (as host numpy arrays), for `init_from`."""
+        step = self._resolve_step(step)
+        restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        return step
+
+
+def load_init_params(path: str, template: Any, reinit_pattern: str | None = None) -> Any:
+    """Parameters to start from: the EMA parameters of the newest checkpoint under `path`.
+
+    The paper fine-tunes from the pretrained model's EMA weights, which are the better model.
+
+    Args:
+      path: a workdir or a checkpoint folder of an earlier (e.g. pretraining) run.
+      template: freshly initialised parameters of this run's model; fixes structure and shapes.
+      reinit_pattern: regular expression over parameter paths; a parameter whose path matches and
+        whose shape differs keeps its fresh initialisation (e.g. the class embedding when the
+        number of classes changes). Every other difference is an error.
+
+    Raises:
+      FileNotFoundError: when `path` holds no checkpoint.
+      ValueError: naming the first parameter that is missing, extra or of another shape.
+    """
+    directory = checkpoint_dir(path)
+    if not storage.isdir(directory):
+        raise FileNotFoundError(f"init_from={path!r}: no such directory")
+    store = CheckpointStore(directory, create=False)
+    try:
+        state, _ = store.restore_arrays()
+    finally:
+        store.close()
+    loaded = _flatten(state["ema_params"])
+    fresh = _flatten(template)
+    regex = re.compile(reinit_pattern) if reinit_pattern else None
+    extra = sorted(set(loaded) - set(fresh))
+    if extra:
+        raise ValueError(f"init_from={path!r} is incompatible: it has parameter {extra[0]!r}, "
+                         "which this model does not have")
+    merged = {}
+    for name, value in fresh.items():
+        if name not in loaded:
+            raise ValueError(f"init_from={path!r} is incompatible: parameter {name!r} is missing")
+        if loaded[name].shape != value.shape:
+            if regex is not None and regex.search(name):
+                merged[name] = value
+                continue
+            raise ValueError(
+                f"init_from={path!r} is incompatible: parameter {name!r} has shape "
+                f"{tuple(loaded[name].shape)} there and {tuple(value.shape)} here (set "
+                "init_reinit to a pattern matching it to re-initialise it instead)")
+        merged[name] = jnp.asarray(loaded[name], value.dtype)
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(template)[0]
+    treedef = jax.tree.structure(template)
+    return jax.tree.unflatten(treedef, [merged[param_path(p)] for p, _ in leaves_with_path])
+
+
+def _flatten(tree) -> dict[str, Any]:
+    return {param_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

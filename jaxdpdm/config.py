@@ -1,0 +1,218 @@
+"""The base configuration: every field jaxdpdm reads, documented in one place.
+
+`configs/default.py` exposes it to `--config=`; experiment files (`configs/quickstart.py`,
+`configs/cifar10_eps10.py`, ...) call `jaxdpdm.config.get_config()` and override a few fields.
+Every field can also be overridden on the command line, e.g.
+`--config.train.num_steps=3 --config.dp.target_epsilon=1`.
+
+`validate_config` checks every field that can be checked without loading data, so a bad
+value fails before any work starts.
+
+Optional fields are typed placeholders (`None` until set), never string sentinels.
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+PHASES = ("dp", "pretrain")
+SAMPLERS = ("ddim", "ddpm")
+SCHEDULES = ("linear", "cosine")
+ACCOUNTANTS = ("pld", "rdp")
+CLASSIFIERS = ("cnn", "wrn16_4")
+AUGMENTATIONS = ("mnist", "cifar", "none")
+
+
+def get_config(arg=None):
+    """Returns the base config (a DP run on the embedded digits data at 16x16).
+
+    Args:
+        arg: unused here; experiment files use it to select variants such as "tiny".
+    """
+    del arg
+    config = ml_collections.ConfigDict()
+
+    # Everything random in training derives from this seed and the step number: Poisson batches,
+    # per-example timesteps/noise/flips/label dropout and the DP noise. The DP guarantee assumes
+    # the seed is SECRET (whoever knows it can recompute the noise), so by default a fresh seed
+    # is drawn from the OS and kept only in the (private) checkpoint, where a resumed run reads
+    # it. Set it only for tests and reproducibility studies on public data.
+    config.seed = config_dict.placeholder(int)
+    # "dp": DP-SGD fine-tuning (Poisson batches, clipping, noise, accountant).
+    # "pretrain": ordinary non-private training on public data (shuffled fixed-size batches).
+    config.phase = "dp"
+    # A workdir (or a checkpoint folder inside one) of an earlier run whose parameters and EMA
+    # initialise this run. The optimizer state and the step counter start fresh.
+    config.init_from = config_dict.placeholder(str)
+    # Parameters whose path matches this regular expression are re-initialised instead of being
+    # loaded from `init_from` when their shape differs (e.g. "label_embed" when the number of
+    # classes changes between the public and the private dataset). Any other mismatch is an error.
+    config.init_reinit = config_dict.placeholder(str)
+
+    # --- data (fields of jaxdpdm.data.DataSpec) ---
+    config.data = ml_collections.ConfigDict()
+    # "digits" (embedded), "fashion_mnist", "mnist", "image_folder", "npz", or "tfds:<name>".
+    config.data.name = "digits"
+    config.data.image_size = 16
+    config.data.channels = 1
+    config.data.split = "train"
+    config.data.data_dir = config_dict.placeholder(str)   # folder of the files / TFDS data_dir
+    config.data.manual_dir = config_dict.placeholder(str)  # TFDS manual_dir
+    config.data.download = False    # allow downloading (needs internet); never on by default
+    config.data.cache_dir = config_dict.placeholder(str)
+    config.data.classes = config_dict.placeholder(tuple)   # keep only these classes (relabelled)
+    config.data.skip_corrupt = False  # skip unreadable images (counted) instead of failing
+    config.data.max_examples = config_dict.placeholder(int)
+    # Public/private split of one dataset (deterministic, stratified, disjoint): with
+    # public_fraction > 0, subset="public" trains on the public part (pretraining) and
+    # subset="private" on the rest (DP fine-tuning); split_seed fixes which is which.
+    config.data.public_fraction = 0.0
+    config.data.subset = "all"
+    config.data.split_seed = 0
+    # The split used as the real test set by --mode=evaluate.
+    config.data.test_split = "test"
+
+    # --- model (fields of jaxdpdm.models.unet.UNetConfig; image size, channels and number of
+    # classes come from the data) ---
+    config.model = ml_collections.ConfigDict()
+    config.model.base_channels = 32
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_resolutions = (8,)
+    config.model.num_heads = 1
+    config.model.dropout = 0.0
+    config.model.resblock_updown = False
+    config.model.class_conditional = True
+    config.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
+
+    # --- diffusion ---
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.schedule = "linear"  # "linear" or "cosine"
+    # Augmentation multiplicity K: each example's loss averages K draws of (t, noise, flip)
+    # before its single gradient is clipped.
+    config.diffusion.augmult = 4
+    config.diffusion.random_flip = False  # horizontal flips (off for digits: they are not symmetric)
+    config.diffusion.label_dropout = 0.1  # probability of the null label (classifier-free guidance)
+    # Timestep distribution: a mixture of uniform ranges [lo, hi) with weights. The paper shifts
+    # mass during DP fine-tuning; the default is uniform over [0, T).
+    config.diffusion.timestep_ranges = ((0, 1000),)
+    config.diffusion.timestep_weights = (1.0,)
+
+    # --- optimisation ---
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 200
+    # Expected (DP, = q*N) or fixed (pretrain) logical batch size.
+    config.train.batch_size = 128
+    # Examples per device per vmap call; peak memory is set by this, not by the batch size.
+    config.train.microbatch_size = 32
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 10
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.999
+    config.train.adam_eps = 1e-8
+    config.train.weight_decay = 0.0
+    config.train.ema_decay = 0.99
+    config.train.log_every = 10
+    config.train.checkpoint_every = 50
+    config.train.keep_checkpoints = 3
+    config.train.sample_every = 0  # 0: sample grid only at the end
+    config.train.grid_per_class = 6  # images per class (one row per class) in the PNG grid
+
+    # --- differential privacy (used when phase == "dp") ---
+    config.dp = ml_collections.ConfigDict()
+    config.dp.target_epsilon = 10.0
+    config.dp.delta = 1e-5
+    config.dp.clip_norm = 1.0
+    # None: calibrated so that `train.num_steps` steps spend exactly `target_epsilon`.
+    config.dp.noise_multiplier = config_dict.placeholder(float)
+    config.dp.accountant = "pld"  # "pld" (tighter) or "rdp"
+    # Regular expression over parameter paths ("Block_0/Conv_0/kernel"): only matching parameters
+    # are trained (and noised). None trains all parameters.
+    config.dp.trainable = config_dict.placeholder(str)
+
+    # --- sampling (--mode=sample, and the grids during training) ---
+    config.sample = ml_collections.ConfigDict()
+    config.sample.sampler = "ddim"  # "ddim" or "ddpm"
+    config.sample.ddim_steps = 50
+    config.sample.eta = 0.0
+    config.sample.guidance_scale = 0.0
+    config.sample.num_samples = 1000
+    config.sample.batch_size = 250
+    # Sampling is post-processing of the DP model, so its seed may be public.
+    config.sample.seed = 0
+
+    # --- evaluation (--mode=evaluate) ---
+    config.eval = ml_collections.ConfigDict()
+    # Local file with the standard FID Inception weights (.pth or converted .npz); None: no FID.
+    config.eval.inception_weights = config_dict.placeholder(str)
+    config.eval.fid_batch_size = 50
+    config.eval.classifier = "cnn"  # "cnn" (DPDM's MNIST CNN) or "wrn16_4"
+    config.eval.classifier_epochs = 20
+    config.eval.classifier_batch_size = 64
+    config.eval.classifier_learning_rate = 3e-4
+    config.eval.augment = "mnist"  # "mnist", "cifar" or "none"
+    config.eval.train_real_reference = True
+
+    return config
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid config: {message}")
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the first field whose value is out of range."""
+    _check(config.phase in PHASES, f"phase must be one of {PHASES}, got {config.phase!r}")
+    _check(config.seed is None or (isinstance(config.seed, int) and config.seed >= 0),
+           "seed must be unset (drawn secretly) or an integer >= 0")
+
+    data = config.data
+    _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
+    _check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}")
+
+    d = config.diffusion
+    _check(d.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
+    _check(d.schedule in SCHEDULES, f"diffusion.schedule must be one of {SCHEDULES}")
+    _check(d.augmult >= 1, f"diffusion.augmult must be >= 1, got {d.augmult}")
+    _check(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
+    _check(len(d.timestep_ranges) == len(d.timestep_weights) > 0,
+           "diffusion.timestep_ranges and timestep_weights must have the same, non-zero length")
+
+    t = config.train
+    _check(t.num_steps >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.microbatch_size >= 1, f"train.microbatch_size must be >= 1, got {t.microbatch_size}")
+    _check(t.learning_rate > 0, "train.learning_rate must be > 0")
+    _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    _check(t.log_every >= 1 and t.checkpoint_every >= 1, "train.log_every and "
+           "train.checkpoint_every must be >= 1")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    _check(t.sample_every >= 0, "train.sample_every must be >= 0 (0: only at the end)")
+
+    if config.phase == "dp":
+        p = config.dp
+        _check(p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
+               f"dp.target_epsilon must be a finite number > 0, got {p.target_epsilon}")
+        _check(0.0 < p.delta < 1.0, f"dp.delta must be in (0, 1), got {p.delta}")
+        _check(p.clip_norm > 0, f"dp.clip_norm must be > 0, got {p.clip_norm}")
+        _check(p.noise_multiplier is None or p.noise_multiplier >= 0,
+               "dp.noise_multiplier must be >= 0 (or unset, to calibrate it)")
+        _check(p.accountant in ACCOUNTANTS, f"dp.accountant must be one of {ACCOUNTANTS}")
+
+    s = config.sample
+    _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}")
+    _check(1 <= s.ddim_steps <= d.num_timesteps,
+           "sample.ddim_steps must be in [1, diffusion.num_timesteps]")
+    _check(s.eta >= 0, "sample.eta must be >= 0")
+    _check(s.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
+    _check(s.num_samples >= 1 and s.batch_size >= 1,
+           "sample.num_samples and sample.batch_size must be >= 1")
+
+    e = config.eval
+    _check(e.classifier in CLASSIFIERS, f"eval.classifier must be one of {CLASSIFIERS}")
+    _check(e.augment in AUGMENTATIONS, f"eval.augment must be one of {AUGMENTATIONS}")
+    _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")

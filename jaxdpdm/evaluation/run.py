@@ -1,0 +1,144 @@
+"""`--mode=evaluate`: how useful are a workdir's synthetic samples?
+
+Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
+
+* FID against the real training split, through the JAX FID Inception, when
+  `eval.inception_weights` names a local weights file (reference statistics are cached in
+  `WORKDIR/eval/`);
+* downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
+  synthetic validation split) and tested on the real test split, beside the same classifier
+  trained on the real training data;
+
+into `WORKDIR/eval/report.json` and `WORKDIR/eval/summary.txt`, next to the run's privacy
+guarantee from `privacy_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxdpdm import sampling
+from jaxdpdm.config import validate_config
+from jaxdpdm.data import load_dataset
+from jaxdpdm.evaluation import downstream, fid, inception
+from jaxdpdm import storage
+from jaxdpdm.evaluation.report import PRIVACY_JSON
+from jaxdpdm.experiment import data_spec
+
+EVAL_SUBDIR = "eval"
+
+
+def _progress_printer(what: str):
+    start = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        width = 30
+        filled = int(width * done / max(total, 1))
+        left = elapsed / max(done, 1) * (total - done)
+        print(f"\r[{what}] [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+              f"{elapsed:.0f}s, ~{left:.0f}s left", end="\n" if done >= total else "",
+              flush=True)
+
+    return show
+
+
+def _batches(images: np.ndarray, batch_size: int, show):
+    total = -(-len(images) // batch_size)
+    for i in range(total):
+        yield images[i * batch_size:(i + 1) * batch_size]
+        show(i + 1, total)
+
+
+def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
+                real_name: str) -> dict[str, Any]:
+    """FID between uint8 image sets `[N, H, W, C]`; the real statistics are cached by name."""
+    params = inception.load_inception_params(config.eval.inception_weights)
+    batch = config.eval.fid_batch_size
+    features = inception.make_feature_fn(params, batch)
+    cache = os.path.join(cache_dir, f"fid_stats_{real_name}.npz")
+    mu_r, sigma_r = fid.load_or_compute_stats(cache, lambda: fid.compute_statistics(
+        features, _batches(real, batch, _progress_printer("FID real"))))
+    mu_s, sigma_s = fid.compute_statistics(
+        features, _batches(synthetic, batch, _progress_printer("FID synthetic")))
+    return {"fid": fid.frechet_distance(mu_s, sigma_s, mu_r, sigma_r),
+            "num_synthetic": int(len(synthetic)), "num_real": int(len(real)),
+            "reference": real_name, "reference_stats": cache}
+
+
+def _downstream_config(config) -> downstream.TrainConfig:
+    e = config.eval
+    return downstream.TrainConfig(
+        model=e.classifier, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
+        learning_rate=e.classifier_learning_rate, augment=e.augment)
+
+
+def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
+    """Evaluates the samples in `workdir`; writes and returns the report."""
+    validate_config(config)
+    images, labels = sampling.load_samples(workdir)  # ValueError if --mode=sample did not run
+    real_train = load_dataset(data_spec(config))
+    real_test = load_dataset(data_spec(config, split=config.data.test_split))
+    if images.shape[1:] != real_train.images.shape[1:]:
+        raise ValueError(f"samples have shape {images.shape[1:]} but the data "
+                         f"{real_train.images.shape[1:]}: evaluate with the training config")
+    out_dir = os.path.join(workdir, EVAL_SUBDIR)
+    os.makedirs(out_dir, exist_ok=True)
+    report: dict[str, Any] = {"samples": {"num": int(len(images)),
+                                          "shape": list(images.shape[1:])},
+                              "data": {"train": real_train.summary(), "test": real_test.summary()}}
+
+    if config.eval.inception_weights:
+        name = f"{real_train.name}_{config.data.split}_{config.data.image_size}px".replace("/", "_")
+        report["fid"] = compute_fid(config, images, real_train.images, out_dir, name)
+    else:
+        report["fid"] = None
+
+    def progress(epoch: int, metrics: dict) -> None:
+        print(f"[classifier {metrics.get('run', '')}] epoch {epoch}/{metrics.get('epochs')} "
+              f"loss={metrics.get('train_loss', float('nan')):.4f} "
+              f"val_acc={metrics.get('val_accuracy', float('nan')):.4f}", flush=True)
+
+    report["downstream"] = downstream.evaluate_downstream(
+        (images, labels), (real_train.images, real_train.labels),
+        (real_test.images, real_test.labels), _downstream_config(config),
+        num_classes=real_train.num_classes, real_reference=config.eval.train_real_reference,
+        progress=progress)
+    privacy_path = os.path.join(workdir, PRIVACY_JSON)
+    report["privacy"] = (json.load(open(privacy_path))["guarantee"]
+                         if os.path.exists(privacy_path) else None)
+    storage.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    text = format_summary(report)
+    storage.write_text(os.path.join(out_dir, "summary.txt"), text)
+    print(text, flush=True)
+    return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    d = report["downstream"]
+    lines = ["Evaluation summary (jaxdpdm)", "============================",
+             f"Synthetic samples: {report['samples']['num']} of shape "
+             f"{tuple(report['samples']['shape'])}"]
+    p = report["privacy"]
+    if p:
+        lines.append(f"Privacy of the model that made them: ({p['epsilon_pld']:.3f}, "
+                     f"{p['delta']:.1e})-DP (PLD); RDP epsilon {p['epsilon_rdp']:.3f}")
+    else:
+        lines.append("Privacy: no privacy_report.json in the workdir (a non-private run?)")
+    if report["fid"]:
+        f = report["fid"]
+        lines.append(f"FID: {f['fid']:.2f} ({f['num_synthetic']} synthetic vs "
+                     f"{f['num_real']} real, {f['reference']})")
+    else:
+        lines.append("FID: not computed (set eval.inception_weights to a local weights file)")
+    lines.append(f"Downstream accuracy on the real test set, trained on synthetic data only: "
+                 f"{d['synthetic_to_real_test_accuracy']:.4f}")
+    if d.get("real_to_real_test_accuracy") is not None:
+        lines.append(f"Same classifier trained on the real training data: "
+                     f"{d['real_to_real_test_accuracy']:.4f}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,392 @@
+"""The training loop, for non-private pretraining and DP-SGD fine-tuning alike.
+
+One step of the DP phase (privacy reasoning in `jaxdpdm.dp`):
+
+1. the host draws a Poisson batch from `(seed, step)` and splits it into fixed-shape padded chunks;
+2. every device clips and sums the per-example gradients of its shard of each chunk (each
+   example's loss averaged over K augmentation draws), the sums are `psum`-ed;
+3. one Gaussian noise draw is added to the sum, which is divided by the expected batch size and
+   fed to Adam; the EMA of the parameters is updated;
+4. the step is recorded in the privacy ledger, which refused it beforehand if it would have taken
+   the spent epsilon past the target.
+
+The state (parameters, EMA, optimizer state, step) and the ledger are checkpointed together, so a
+resumed run replays exactly the releases an uninterrupted run makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from jaxdpdm import parallel, storage
+from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, has_checkpoint,
+                                load_init_params)
+from jaxdpdm.config import validate_config
+from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
+from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
+from jaxdpdm.experiment import build_experiment, count_params
+from jaxdpdm.monitoring import GridWriter, MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPPlan:
+    """The privacy parameters of a DP run, fixed before the first step."""
+    noise_multiplier: float
+    sampling_rate: float
+    expected_batch_size: int
+    chunk_size: int
+    calibrated: bool
+
+
+def _adam(config) -> optax.GradientTransformation:
+    t = config.train
+    lr = optax.warmup_constant_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1))
+    return optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                       weight_decay=t.weight_decay)
+
+
+def _freeze(optimizer, mask) -> optax.GradientTransformation:
+    """Frozen parameters get a zero update (not even weight decay)."""
+    if mask is None:
+        return optimizer
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.PrivacyLedger,
+            stored_sigma: float | None) -> DPPlan:
+    """Chooses sigma (calibrated to spend exactly the target over `num_steps` steps) and shapes."""
+    t, p = config.train, config.dp
+    if t.batch_size > num_examples:
+        raise ValueError(f"train.batch_size={t.batch_size} is larger than the dataset "
+                         f"({num_examples} examples)")
+    q = t.batch_size / num_examples
+    if stored_sigma is not None:
+        # Resuming: the checkpoint's sigma is what the ledger recorded; never silently change it.
+        if p.noise_multiplier is not None and p.noise_multiplier != stored_sigma:
+            raise ValueError(f"dp.noise_multiplier={p.noise_multiplier} differs from the "
+                             f"checkpoint's {stored_sigma}; use a new workdir")
+        sigma, calibrated = stored_sigma, p.noise_multiplier is None
+    elif p.noise_multiplier is not None:
+        sigma, calibrated = float(p.noise_multiplier), False
+    else:
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon=p.target_epsilon, delta=p.delta, sampling_rate=q,
+            steps=t.num_steps - ledger.total_steps, accountant=p.accountant)
+        calibrated = True
+    chunk = batching.physical_batch_size(
+        t.batch_size, num_shards=num_devices, microbatch_size=t.microbatch_size)
+    return DPPlan(sigma, q, t.batch_size, chunk, calibrated)
+
+
+@jax.jit
+def _ema_update(ema, params, decay):
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+class Trainer:
+    """Holds the compiled step functions and the mutable state of one training run."""
+
+    def __init__(self, config, workdir: str):
+        # Everything that can be wrong with the config, the data or the workdir is checked here,
+        # before the first compilation, so a mistake costs seconds, not a compile.
+        validate_config(config)
+        self.workdir = storage.ensure_writable_dir(workdir)
+        self.store = CheckpointStore(storage.join(self.workdir, CHECKPOINT_SUBDIR),
+                                     keep=config.train.keep_checkpoints)
+        latest = self.store.latest_step()
+        meta = self.store.restore_meta(latest) if latest is not None else {}
+        if meta and meta.get("phase") != config.phase:
+            raise ValueError(f"{self.workdir} holds a {meta.get('phase')!r} run, this config is "
+                             f"phase {config.phase!r}: use a new workdir (and init_from)")
+        if not meta and config.init_from is not None and not has_checkpoint(config.init_from):
+            raise FileNotFoundError(f"init_from={config.init_from!r} holds no checkpoint")
+        self.config = config = _with_seed(config, meta.get("seed"))
+        self.exp = build_experiment(config)
+        self.dp = config.phase == "dp"
+        self.mesh = parallel.make_data_mesh()
+        self.num_devices = self.mesh.devices.size
+        self.is_lead = jax.process_index() == 0
+        log.info("%s", self.exp.dataset.summary())
+        self._check_batch_size()
+        self.mask = None  # None: every parameter is trained
+        if self.dp and config.dp.trainable is not None:
+            self.mask = trainable_mask(jax.eval_shape(self.exp.init_params), config.dp.trainable)
+        self.ledger = self.plan = None
+        if self.dp:
+            self.ledger = (accounting.PrivacyLedger.from_dict(meta["ledger"]) if meta else
+                           accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
+                                                    accountant=config.dp.accountant,
+                                                    num_examples=len(self.exp.dataset)))
+            self.plan = plan_dp(config, len(self.exp.dataset), self.num_devices, self.ledger,
+                                meta.get("noise_multiplier"))
+        self._build_step()
+        self._grid_writer = None
+        self._init_state(latest)
+
+    def _check_batch_size(self):
+        batch, n = self.config.train.batch_size, len(self.exp.dataset)
+        if batch > n:
+            raise ValueError(f"train.batch_size={batch} is larger than the dataset ({n} examples)")
+        if not self.dp and batch % self.num_devices:
+            raise ValueError(f"train.batch_size={batch} must be divisible by the number of "
+                             f"devices ({self.num_devices}) for pretraining")
+
+    def _build_step(self):
+        c = self.config
+        if self.dp:
+            self.optimizer = _freeze(optax.chain(
+                dp_aggregate(clip_norm=c.dp.clip_norm, noise_multiplier=self.plan.noise_multiplier,
+                             expected_batch_size=self.plan.expected_batch_size, seed=c.seed,
+                             trainable=self.mask),
+                _adam(c)), self.mask)
+            self.step_fn = parallel.make_dp_step(
+                self.exp.loss_fn, self.optimizer, clip_norm=c.dp.clip_norm,
+                microbatch_size=c.train.microbatch_size, mesh=self.mesh, trainable=self.mask)
+        else:
+            self.optimizer = _adam(c)
+            self.step_fn = parallel.make_pretrain_step(self.exp.loss_fn, self.optimizer,
+                                                       mesh=self.mesh)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _init_state(self, latest: int | None):
+        c = self.config
+        params = self.exp.init_params()
+        if latest is None and c.init_from is not None:
+            params = load_init_params(c.init_from, params, c.init_reinit)
+            log.info("initialised from the EMA parameters in %s", c.init_from)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "ema_params": jax.tree.map(jnp.copy, params),
+                 "opt_state": self.optimizer.init(params)}
+        state = parallel.replicate(state, self.mesh)
+        if latest is not None:
+            state, _ = self.store.restore(state, latest)
+            log.info("resumed from %s at step %d", self.store.directory, latest)
+        self.state = state
+        self.step = int(state["step"])
+        self._saved_step = self.step if latest is not None else None
+
+    def _meta(self) -> dict:
+        meta = {"config": self.config.to_json(), "phase": self.config.phase,
+                "seed": self.config.seed, "num_classes": self.exp.dataset.num_classes,
+                "unet": _jsonable(dataclasses.asdict(self.exp.unet_config)),
+                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset)}
+        if self.dp:
+            meta["ledger"] = self.ledger.to_dict()
+            meta["noise_multiplier"] = self.plan.noise_multiplier
+        return meta
+
+    def save(self):
+        self.store.save(self.step, self.state, self._meta())
+        self._saved_step = self.step
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def _local_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """This process's slice of a global batch of dataset indices, gathered on the host."""
+        local = batching.host_slice(indices, jax.process_index(), jax.process_count())
+        return self.exp.host_batch(local)
+
+    def _local_mask(self, mask: np.ndarray) -> np.ndarray:
+        return batching.host_slice(mask, jax.process_index(), jax.process_count())
+
+    def train_step(self) -> dict[str, float]:
+        """Runs step `self.step` and returns its (host) metrics."""
+        c, s = self.config, self.state
+        key = self.exp.example_key(self.step)
+        n = len(self.exp.dataset)
+        if self.dp:
+            selected = batching.poisson_sample(n, self.plan.sampling_rate, seed=c.seed,
+                                               step=self.step)
+            host_chunks = batching.split_into_chunks(selected, self.plan.chunk_size)
+            chunks = [(self._local_batch(idx), self._local_mask(m)) for idx, m in host_chunks]
+            params, opt_state, stats = self.step_fn(s["params"], s["opt_state"], chunks, key)
+            metrics = _clip_metrics(stats, np.concatenate([m for _, m in host_chunks]))
+        else:
+            idx = batching.shuffled_batch(n, c.train.batch_size, seed=c.seed, step=self.step)
+            params, opt_state, m = self.step_fn(s["params"], s["opt_state"],
+                                                self._local_batch(idx), key)
+            metrics = {k: float(v) for k, v in m.items()}
+        ema = _ema_update(s["ema_params"], params, c.train.ema_decay)
+        new_state = {"step": jnp.asarray(self.step + 1, jnp.int32), "params": params,
+                     "ema_params": ema, "opt_state": opt_state}
+        # Commit the step: ledger first, then state, with nothing in between that can fail. An
+        # interrupt landing between the two lines leaves the ledger one step AHEAD of the state,
+        # which over-counts the spent budget (safe), never under-counts it.
+        if self.dp:
+            self.ledger.record(self.plan.noise_multiplier, self.plan.sampling_rate)
+        self.state, self.step = new_state, self.step + 1
+        return metrics
+
+    def budget_allows_step(self) -> bool:
+        return (not self.dp) or self.ledger.can_record(self.plan.noise_multiplier,
+                                                       self.plan.sampling_rate)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Trains to `train.num_steps` (or to the privacy budget), then writes grid and report."""
+        c = self.config
+        logger = MetricsLogger(self.workdir, c.train.num_steps, enabled=self.is_lead)
+        self._log_start()
+        stopped_by_budget = False
+        preempted = _SignalFlag(signal.SIGTERM)
+        try:
+            while self.step < c.train.num_steps:
+                if preempted.raised:
+                    # A preemption notice (SIGTERM): save and leave; rerunning resumes here.
+                    log.warning("SIGTERM at step %d: saving a checkpoint and exiting", self.step)
+                    self.save()
+                    raise SystemExit(143)
+                if not self.budget_allows_step():
+                    stopped_by_budget = True
+                    log.warning("privacy budget reached: stopping before step %d", self.step)
+                    break
+                metrics = self.train_step()
+                if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
+                    if self.dp:  # a PLD evaluation: once per log line, not once per step
+                        metrics["epsilon"] = self.ledger.spent_epsilon()
+                    logger.write(self.step, metrics)
+                if self.step % c.train.checkpoint_every == 0:
+                    self.save()
+                if c.train.sample_every and self.step % c.train.sample_every == 0:
+                    self.write_grid(f"grid_step{self.step:06d}.png")
+        except BaseException:
+            # Ctrl-C or a crash: keep the steps done since the last checkpoint. State and ledger
+            # are only ever updated together, after a completed step, so they are consistent.
+            if self._saved_step != self.step:
+                log.warning("interrupted at step %d: saving a checkpoint", self.step)
+                self.save()
+            raise
+        finally:
+            preempted.restore()
+            logger.close()
+        if self._saved_step != self.step:
+            self.save()
+        self.write_grid("grid_final.png")
+        return self.finish(stopped_by_budget)
+
+    def finish(self, stopped_by_budget: bool) -> dict[str, Any]:
+        report = None
+        if self.dp:
+            report = privacy_report(
+                self.ledger, config=self.config, num_examples=len(self.exp.dataset),
+                num_params=count_params(self.state["params"]),
+                num_trainable=count_params(_masked_leaves(self.state["params"], self.mask)),
+                dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
+                calibrated=self.plan.calibrated)
+            if self.is_lead:
+                write_privacy_report(self.workdir, report)
+        self.store.close()
+        return {"step": self.step, "privacy": report}
+
+    def write_grid(self, name: str) -> None:
+        if not self.is_lead:
+            return
+        if self._grid_writer is None:
+            self._grid_writer = GridWriter(self.exp)
+        self._grid_writer.write(self.state["ema_params"], storage.join(self.workdir, name))
+
+    def _log_start(self):
+        c = self.config
+        log.info("model: %s parameters; devices: %d; phase: %s",
+                 f"{count_params(self.state['params']):,}", self.num_devices, c.phase)
+        if self.dp:
+            p = self.plan
+            log.info("DP: sigma=%.4f (%s), q=%.5f, expected batch %d, chunk %d, clip %.3g, K=%d, "
+                     "target eps=%.3g at delta=%.2g over %d steps", p.noise_multiplier,
+                     "calibrated" if p.calibrated else "given", p.sampling_rate,
+                     p.expected_batch_size, p.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
+                     c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
+
+
+class _SignalFlag:
+    """Records a signal instead of dying of it, so the loop can stop between two steps."""
+
+    def __init__(self, signum: int):
+        self.raised = False
+        self._signum = signum
+        try:
+            self._previous = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave the default behaviour alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(self._signum, self._previous)
+
+
+def _clip_metrics(stats, mask: np.ndarray) -> dict[str, float]:
+    """Host metrics of one DP step, `mask` (`[num_chunks * chunk_size]`) marking real rows.
+
+    These statistics are computed from the private data without noise: they are for monitoring
+    the run and are not covered by the DP guarantee (the privacy report says so).
+    """
+    norms = parallel.to_host(stats.norms)[mask]
+    norms = norms[np.isfinite(norms)]  # a non-finite gradient was zeroed (and counted)
+    losses = parallel.to_host(stats.losses)[mask]
+    batch_size = int(mask.sum())
+    metrics = {"batch_size": float(batch_size),
+               "num_clipped": float(stats.num_clipped),
+               "num_nonfinite": float(stats.num_nonfinite),
+               "fraction_clipped": float(stats.num_clipped) / max(batch_size, 1)}
+    if norms.size:
+        for q in (10, 50, 90):
+            metrics[f"grad_norm_p{q}"] = float(np.percentile(norms, q))
+        metrics["loss"] = float(losses.mean())
+    return metrics
+
+
+def _masked_leaves(params, mask):
+    if mask is None:
+        return params
+    return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+
+
+def _jsonable(d):
+    return {k: (str(v) if not isinstance(v, (int, float, str, bool, list, tuple, type(None)))
+                else v) for k, v in d.items()}
+
+
+def _with_seed(config, stored_seed: int | None):
+    """`config` with its seed resolved: the checkpoint's, the configured one, or a secret one.
+
+    The seed determines the DP noise and the Poisson batches, so it must not be guessable: an
+    unset seed is drawn from the OS's entropy (and then kept in the private checkpoint only).
+    """
+    if stored_seed is not None:
+        if config.seed is not None and config.seed != stored_seed:
+            raise ValueError(f"seed={config.seed} differs from the checkpoint's seed; resuming "
+                             "with another seed would replay different releases")
+        seed = stored_seed
+    elif config.seed is not None:
+        seed = config.seed
+    else:
+        seed = secrets.randbits(31)
+        if jax.process_count() > 1:  # every host must use the same (secret) seed
+            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
+    config = config.copy_and_resolve_references()
+    config.seed = seed
+    return config
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the final step and privacy report."""
+    return Trainer(config, workdir).run()

@@ -1,0 +1,158 @@
+"""The training loop: resume determinism, the budget as a hard stop, init_from, early errors.
+
+All runs use the quickstart ":tiny" config (8x8 digits, a 49k-parameter UNet) so the compiled
+programs are shared between tests through the persistent compilation cache.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdpdm.dp import accounting
+from jaxdpdm.train import Trainer
+
+
+def _tree_equal(a, b) -> bool:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config):
+    """One uninterrupted 3-step DP run on one device: `(trainer, result, workdir)`."""
+    workdir = tmp_path_factory.mktemp("finished")
+    trainer = Trainer(tiny_config(), str(workdir))
+    return trainer, trainer.run(), workdir
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config,
+                                                              finished_run):
+    full, _, _ = finished_run
+    broken = Trainer(tiny_config(), str(tmp_path))
+    step_once = broken.train_step
+
+    def step_then_ctrl_c():
+        metrics = step_once()
+        if broken.step == 2:
+            raise KeyboardInterrupt
+        return metrics
+
+    broken.train_step = step_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    # The interrupt handler saved the completed steps together with their ledger.
+    assert broken.store.latest_step() == 2
+    assert broken.store.restore_meta()["ledger"]["phases"][0]["steps"] == 2
+
+    resumed = Trainer(tiny_config(), str(tmp_path))
+    assert resumed.step == 2 and resumed.ledger.total_steps == 2
+    resumed.run()
+    assert _tree_equal(resumed.state["params"], full.state["params"])
+    assert _tree_equal(resumed.state["ema_params"], full.state["ema_params"])
+    assert _tree_equal(resumed.state["opt_state"], full.state["opt_state"])
+    assert resumed.ledger.to_dict() == full.ledger.to_dict()
+
+
+def test_budget_is_a_hard_stop(tmp_path, tiny_config):
+    config = tiny_config()
+    config.train.num_steps = 6
+    config.dp.noise_multiplier = 1.0
+    q = config.train.batch_size / 1442  # digits train split
+    # A target that two steps at sigma=1 fit under and three do not.
+    two = accounting.epsilon(noise_multiplier=1.0, sampling_rate=q, steps=2, delta=config.dp.delta)
+    three = accounting.epsilon(noise_multiplier=1.0, sampling_rate=q, steps=3,
+                               delta=config.dp.delta)
+    config.dp.target_epsilon = (two + three) / 2
+    result = Trainer(config, str(tmp_path)).run()
+    assert result["step"] == 2
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["training"]["stopped_by_budget"] is True
+    assert report["mechanism"]["steps"] == 2
+    assert report["guarantee"]["epsilon_pld"] <= config.dp.target_epsilon
+    assert (tmp_path / "privacy_report.txt").read_text().startswith("Privacy report")
+    assert (tmp_path / "grid_final.png").stat().st_size > 0
+
+
+def test_calibrated_run_spends_at_most_the_target(tiny_config, finished_run):
+    config = tiny_config()
+    _, result, workdir = finished_run
+    guarantee = result["privacy"]["guarantee"]
+    assert result["step"] == config.train.num_steps
+    assert guarantee["epsilon_pld"] <= config.dp.target_epsilon
+    assert guarantee["epsilon_pld"] > 0.9 * config.dp.target_epsilon  # calibration is tight
+    assert json.loads((workdir / "privacy_report.json").read_text())["guarantee"] == guarantee
+
+
+def test_pretrain_then_dp_finetune_from_its_ema(tmp_path, tiny_config):
+    pre = tiny_config()
+    pre.phase = "pretrain"
+    pre.train.num_steps = 2
+    pretrained = Trainer(pre, str(tmp_path / "pre"))
+    pretrained.run()
+
+    fine = tiny_config()
+    fine.init_from = str(tmp_path / "pre")
+    trainer = Trainer(fine, str(tmp_path / "dp"))
+    assert trainer.step == 0 and trainer.ledger.total_steps == 0  # fresh privacy ledger
+    assert _tree_equal(trainer.state["params"], pretrained.state["ema_params"])
+
+    other = tiny_config()
+    other.init_from = str(tmp_path / "pre")
+    other.model.base_channels = 16
+    with pytest.raises(ValueError, match="incompatible: parameter"):
+        Trainer(other, str(tmp_path / "dp_other"))
+
+    # A DP config pointed at the pretraining workdir itself must not resume it without a ledger.
+    with pytest.raises(ValueError, match="holds a 'pretrain' run"):
+        Trainer(tiny_config(), str(tmp_path / "pre"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.name", "cifar100", "unknown dataset"),
+    ("data.image_size", 9, "image_size"),
+    ("train.batch_size", 5000, "larger than the dataset"),
+    ("dp.target_epsilon", 0.0, "dp.target_epsilon"),
+    ("dp.delta", 1.5, "dp.delta"),
+    ("dp.clip_norm", -1.0, "dp.clip_norm"),
+    ("dp.trainable", "no_such_layer", "selects no parameter"),
+    ("phase", "finetune", "phase"),
+])
+def test_bad_config_fails_before_training(tmp_path, tiny_config, field, value, message):
+    config = tiny_config()
+    section, _, name = field.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+    with pytest.raises(ValueError, match=message):
+        Trainer(config, str(tmp_path))
+
+
+def test_missing_init_from_and_unwritable_workdir_fail_early(tmp_path, tiny_config):
+    config = tiny_config()
+    config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        Trainer(config, str(tmp_path / "wd"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not writable"):
+        Trainer(tiny_config(), str(blocker / "wd"))
+
+
+def test_eight_devices_train_like_one(run_multidevice, finished_run):
+    """The same DP run on 8 simulated devices ends with the 1-device parameters."""
+    trainer, _, workdir = finished_run
+    eight = run_multidevice(f"""
+        import importlib.util, jax, numpy as np
+        from jaxdpdm.train import Trainer
+        spec = importlib.util.spec_from_file_location("quickstart", "configs/quickstart.py")
+        module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+        trainer = Trainer(module.get_config("tiny"), {str(workdir / "eight_devices")!r})
+        assert trainer.num_devices == 8
+        trainer.run()
+        result = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(trainer.state["params"])]
+    """, num_devices=8)
+    one = jax.tree.leaves(trainer.state["params"])
+    assert len(eight) == len(one)
+    for a, b in zip(eight, one):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b).ravel(), rtol=1e-4, atol=1e-6)
