@@ -183,6 +183,8 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
       microbatch_size: if given, the B rows are processed in B / microbatch_size sequential
         microbatches (`lax.scan`), so peak memory is set by the microbatch, not by B. B must be a
         multiple of it. The result does not depend on it (up to float summation order).
+        Microbatches made only of padding are skipped (`lax.cond`), so padding a Poisson draw
+        to a generous fixed shape costs almost nothing.
       trainable: None, a path regex, or a bool pytree (see `trainable_mask`). Frozen leaves are
         closed over as constants, so they are never differentiated (no weight-gradient compute),
         and come back as float32 zeros.
@@ -249,9 +251,19 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
             num_micro = batch_size // micro
             split = lambda x: x.reshape((num_micro, micro) + x.shape[1:])
 
+            def skipped(mb_batch, mb_mask, mb_keys):
+                del mb_batch, mb_keys
+                zeros = ([jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
+                         ClipStats(jnp.zeros(mb_mask.shape, jnp.float32),
+                                   jnp.zeros(mb_mask.shape, jnp.float32),
+                                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
+                return _vary_over_manual_axes(zeros)
+
             def body(carry, xs):
                 acc_sums, acc_clipped, acc_nonfinite = carry
-                sums, st = microbatch_sum(*xs)
+                # Poisson draws are padded to a fixed shape; a microbatch of padding only
+                # contributes zero, so its forward and backward passes are skipped outright.
+                sums, st = jax.lax.cond(jnp.any(xs[1]), microbatch_sum, skipped, *xs)
                 carry = ([a + s for a, s in zip(acc_sums, sums)],
                          acc_clipped + st.num_clipped, acc_nonfinite + st.num_nonfinite)
                 return carry, (st.norms, st.losses)
