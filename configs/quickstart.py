@@ -19,7 +19,7 @@ def get_config(arg=None):
     config.data.image_size = 16
     config.data.channels = 1
 
-    config.model.base_channels = 32
+    config.model.base_channels = 16
     config.model.channel_mult = (1, 2)
     config.model.num_res_blocks = 1
     config.model.attention_resolutions = (8,)
@@ -27,14 +27,14 @@ def get_config(arg=None):
     config.diffusion.augmult = 4
     config.diffusion.label_dropout = 0.1
 
-    config.train.num_steps = 150
+    config.train.num_steps = 100
     config.train.batch_size = 128
     config.train.microbatch_size = 32
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 10
     config.train.ema_decay = 0.98
     config.train.log_every = 10
-    config.train.checkpoint_every = 50
+    config.train.checkpoint_every = 25
 
     config.dp.target_epsilon = 10.0
     config.dp.delta = 1e-5

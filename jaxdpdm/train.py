@@ -69,9 +69,6 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
             stored_sigma: float | None) -> DPPlan:
     """Chooses sigma (calibrated to spend exactly the target over `num_steps` steps) and shapes."""
     t, p = config.train, config.dp
-    if t.batch_size > num_examples:
-        raise ValueError(f"train.batch_size={t.batch_size} is larger than the dataset "
-                         f"({num_examples} examples)")
     q = t.batch_size / num_examples
     if stored_sigma is not None:
         # Resuming: the checkpoint's sigma is what the ledger recorded; never silently change it.
@@ -84,7 +81,8 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
     else:
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=p.target_epsilon, delta=p.delta, sampling_rate=q,
-            steps=t.num_steps - ledger.total_steps, accountant=p.accountant)
+            steps=t.num_steps - ledger.total_steps, accountant=p.accountant,
+            num_examples=num_examples)
         calibrated = True
     chunk = batching.physical_batch_size(
         t.batch_size, num_shards=num_devices, microbatch_size=t.microbatch_size)
