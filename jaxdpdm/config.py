@@ -180,6 +180,8 @@ def validate_config(config) -> None:
     _check(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
     _check(len(d.timestep_ranges) == len(d.timestep_weights) > 0,
            "diffusion.timestep_ranges and timestep_weights must have the same, non-zero length")
+    _check(all(0 <= lo < hi <= d.num_timesteps for lo, hi in d.timestep_ranges),
+           f"diffusion.timestep_ranges must be ranges [lo, hi) within [0, {d.num_timesteps})")
 
     t = config.train
     _check(t.num_steps >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
@@ -216,3 +218,5 @@ def validate_config(config) -> None:
     _check(e.classifier in CLASSIFIERS, f"eval.classifier must be one of {CLASSIFIERS}")
     _check(e.augment in AUGMENTATIONS, f"eval.augment must be one of {AUGMENTATIONS}")
     _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
+    _check(e.fid_batch_size >= 1 and e.classifier_batch_size >= 1,
+           "eval.fid_batch_size and eval.classifier_batch_size must be >= 1")

@@ -56,6 +56,18 @@ def ensure_writable_dir(path: str) -> str:
     return path
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask (read once, at import, since
+    reading the umask means setting it, which is not thread-safe)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp creates its file with mode 0o600; a renamed report should read like any other file.
+_NEW_FILE_MODE = _new_file_mode()
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path` so that no reader ever sees a partial file."""
     if is_remote(path):
@@ -66,6 +78,7 @@ def write_bytes(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _NEW_FILE_MODE)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

@@ -124,7 +124,7 @@ class Trainer:
             self.mask = trainable_mask(jax.eval_shape(self.exp.init_params), config.dp.trainable)
         self.ledger = self.plan = None
         if self.dp:
-            self.ledger = (accounting.PrivacyLedger.from_dict(meta["ledger"]) if meta else
+            self.ledger = (_resumed_ledger(meta["ledger"], config) if meta else
                            accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
                                                     accountant=config.dp.accountant,
                                                     num_examples=len(self.exp.dataset)))
@@ -309,6 +309,18 @@ class Trainer:
                      "calibrated" if p.calibrated else "given", p.sampling_rate,
                      p.expected_batch_size, p.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
                      c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
+
+
+def _resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:
+    """The checkpoint's ledger, refusing a config whose privacy target says otherwise."""
+    ledger = accounting.PrivacyLedger.from_dict(record)
+    for name, saved in (("target_epsilon", ledger.target_epsilon), ("delta", ledger.delta),
+                        ("accountant", ledger.accountant)):
+        if config.dp[name] != saved:
+            raise ValueError(f"dp.{name}={config.dp[name]!r} differs from the checkpoint's "
+                             f"{saved!r}; a run's privacy target cannot change on resume (use "
+                             "a new workdir)")
+    return ledger
 
 
 class _SignalFlag:

@@ -33,6 +33,16 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The optional reference packages (torch's CUDA build pulls in triton) crash the interpreter when
+# they are imported after TensorFlow, which clu and TFDS load. Import them first, where present.
+try:
+    import pytorch_fid.fid_score  # noqa: F401
+    import pytorch_fid.inception  # noqa: F401
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 # Compiled programs are cached on disk and shared by this process and the subprocesses it
 # starts (they inherit the environment): the suite compiles each (model, shape) once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

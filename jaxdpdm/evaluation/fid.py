@@ -8,13 +8,15 @@ streamed over batches, so 50k images never have to be held in memory at once.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.linalg
+
+from jaxdpdm import storage
 
 
 class ActivationStatistics:
@@ -120,17 +122,9 @@ def save_stats(path: str | os.PathLike, mu, sigma) -> str:
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, os.fspath(path))
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma)
+    storage.write_bytes(path, buffer.getvalue())
     return path
 
 

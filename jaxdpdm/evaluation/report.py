@@ -26,9 +26,10 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
         "guarantee": {
             "epsilon_pld": ledger.spent_epsilon("pld"),
             "epsilon_rdp": ledger.spent_epsilon("rdp"),
-            "delta": config.dp.delta,
-            "target_epsilon": config.dp.target_epsilon,
-            "enforced_accountant": config.dp.accountant,
+            # The ledger's own values: on resume they are the checkpoint's, whatever the config.
+            "delta": ledger.delta,
+            "target_epsilon": ledger.target_epsilon,
+            "enforced_accountant": ledger.accountant,
             "unit": "example-level add/remove adjacency (one training example)",
         },
         "mechanism": {
@@ -60,9 +61,12 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
 
 
 def history_value(history: dict, key: str):
-    """The value of `key` over the ledger's phases: one value, or a list when it changed."""
+    """The value of `key` over the ledger's phases: one value, a list when it changed, or None
+    when the ledger has no step."""
     values = [phase[key] for phase in history.get("phases", []) if key in phase]
     distinct = sorted(set(values))
+    if not distinct:  # no step was taken
+        return None
     return distinct[0] if len(distinct) == 1 else distinct
 
 

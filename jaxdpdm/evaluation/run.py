@@ -10,11 +10,13 @@ Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
   trained on the real training data;
 
 into `WORKDIR/eval/report.json` and `WORKDIR/eval/summary.txt`, next to the run's privacy
-guarantee from `privacy_report.json`.
+guarantee from `privacy_report.json`. The workdir must be local (copy a `gs://` workdir down
+first, e.g. with `launch/tpu_pod.py collect`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -71,6 +73,15 @@ def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
             "reference": real_name, "reference_stats": cache}
 
 
+def _reference_name(config, dataset_name: str) -> str:
+    """A cache name that changes whenever the reference images or the Inception weights do."""
+    identity = json.dumps({"data": config.data.to_dict(),
+                           "weights": os.path.abspath(config.eval.inception_weights)},
+                          sort_keys=True, default=str)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return f"{dataset_name.replace('/', '_')}_{config.data.split}_{digest}"
+
+
 def _downstream_config(config) -> downstream.TrainConfig:
     e = config.eval
     return downstream.TrainConfig(
@@ -94,8 +105,8 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
                               "data": {"train": real_train.summary(), "test": real_test.summary()}}
 
     if config.eval.inception_weights:
-        name = f"{real_train.name}_{config.data.split}_{config.data.image_size}px".replace("/", "_")
-        report["fid"] = compute_fid(config, images, real_train.images, out_dir, name)
+        report["fid"] = compute_fid(config, images, real_train.images, out_dir,
+                                    _reference_name(config, real_train.name))
     else:
         report["fid"] = None
 
@@ -110,7 +121,7 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
         num_classes=real_train.num_classes, real_reference=config.eval.train_real_reference,
         progress=progress)
     privacy_path = os.path.join(workdir, PRIVACY_JSON)
-    report["privacy"] = (json.load(open(privacy_path))["guarantee"]
+    report["privacy"] = (json.loads(storage.read_text(privacy_path))["guarantee"]
                          if os.path.exists(privacy_path) else None)
     storage.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     text = format_summary(report)

@@ -1,0 +1,145 @@
+"""The privacy report of a DP run, built from a real ledger with recorded steps."""
+
+import json
+import os
+
+import pytest
+
+from jaxdpdm.config import get_config
+from jaxdpdm.dp.accounting import PrivacyLedger
+from jaxdpdm.evaluation import report as report_lib
+
+NUM_EXAMPLES = 1000
+
+
+def _ledger(phases, *, delta=1e-5, target=10.0, accountant="pld") -> PrivacyLedger:
+    ledger = PrivacyLedger(target, delta, accountant=accountant, num_examples=NUM_EXAMPLES)
+    for sigma, q, steps in phases:
+        ledger.record(sigma, q, steps=steps)
+    return ledger
+
+
+def _config(**dp):
+    config = get_config()
+    config.train.batch_size = 10
+    config.dp.clip_norm = 0.5
+    config.diffusion.augmult = 3
+    for name, value in dp.items():
+        config.dp[name] = value
+    return config
+
+
+def _report(ledger, config=None, **overrides):
+    kwargs = dict(config=config or _config(), num_examples=NUM_EXAMPLES, num_params=12345,
+                  num_trainable=2345, dataset="digits train: 1000 images 8x8x1",
+                  stopped_by_budget=False, calibrated=True)
+    kwargs.update(overrides)
+    return report_lib.privacy_report(ledger, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def one_phase():
+    """Five steps at sigma = 1.2, q = 0.01: `(ledger, report)`."""
+    ledger = _ledger([(1.2, 0.01, 5)])
+    return ledger, _report(ledger)
+
+
+def test_report_is_json_serialisable(one_phase):
+    _, report = one_phase
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_epsilons_are_the_ledgers(one_phase):
+    ledger, report = one_phase
+    g = report["guarantee"]
+    assert g["epsilon_pld"] == ledger.spent_epsilon("pld")
+    assert g["epsilon_rdp"] == ledger.spent_epsilon("rdp")
+    assert 0 < g["epsilon_pld"] <= g["epsilon_rdp"]  # PLD is the tighter accountant
+    assert g["delta"] == 1e-5 and g["target_epsilon"] == 10.0
+
+
+def test_mechanism_describes_the_recorded_steps(one_phase):
+    ledger, report = one_phase
+    m = report["mechanism"]
+    assert m["noise_multiplier"] == 1.2
+    assert m["sampling_rate"] == 0.01
+    assert m["steps"] == ledger.total_steps == 5
+    assert (m["expected_batch_size"], m["num_examples"], m["clip_norm"], m["augmult"]) == (
+        10, NUM_EXAMPLES, 0.5, 3)
+    assert m["history"] == ledger.to_dict()
+    assert PrivacyLedger.from_dict(m["history"]).spent_epsilon() == ledger.spent_epsilon()
+
+
+def test_training_section(one_phase):
+    _, report = one_phase
+    t = report["training"]
+    assert (t["num_params"], t["num_trainable_params"]) == (12345, 2345)
+    assert t["init_from"] is None and t["trainable_pattern"] is None
+    assert t["stopped_by_budget"] is False
+
+
+def test_guarantee_states_the_delta_and_budget_the_ledger_used():
+    """On resume the ledger comes from the checkpoint while the config may have been edited:
+    the epsilons are computed at the ledger's delta and its budget was enforced, so those are
+    the numbers the guarantee must state."""
+    ledger = _ledger([(1.2, 0.01, 5)], delta=1e-6, target=8.0, accountant="rdp")
+    report = _report(ledger, _config(delta=1e-5, target_epsilon=10.0, accountant="pld"))
+    g = report["guarantee"]
+    assert g["epsilon_pld"] == ledger.spent_epsilon("pld")
+    assert g["delta"] == ledger.delta
+    assert g["target_epsilon"] == ledger.target_epsilon
+    assert g["enforced_accountant"] == ledger.accountant
+
+
+def test_history_value_lists_values_that_changed_between_phases():
+    ledger = _ledger([(1.2, 0.01, 3), (2.0, 0.01, 2)])
+    history = ledger.to_dict()
+    assert report_lib.history_value(history, "sampling_rate") == 0.01
+    assert report_lib.history_value(history, "noise_multiplier") == [1.2, 2.0]
+    report = _report(ledger)
+    assert report["mechanism"]["noise_multiplier"] == [1.2, 2.0]
+    assert report["mechanism"]["steps"] == 5
+
+
+@pytest.mark.parametrize("phases, expected", [
+    ([{"noise_multiplier": 1.0}], 1.0),
+    ([{"noise_multiplier": 1.0}, {"noise_multiplier": 1.0}], 1.0),
+    ([{"noise_multiplier": 3.0}, {"noise_multiplier": 1.0}], [1.0, 3.0]),
+])
+def test_history_value(phases, expected):
+    assert report_lib.history_value({"phases": phases}, "noise_multiplier") == expected
+
+
+def test_format_mentions_every_number_a_reader_needs(one_phase):
+    _, report = one_phase
+    text = report_lib.format_privacy_report(report)
+    g = report["guarantee"]
+    for fragment in (f"{g['epsilon_pld']:.3f}", f"{g['epsilon_rdp']:.3f}", "1.0e-05",
+                     "epsilon", "sigma = 1.2", "q = 0.01", "steps = 5", "clip norm C = 0.5",
+                     "K = 3", "N = 1000", "calibrated", "12,345", "2,345", "scratch",
+                     "Not covered", "do not publish"):
+        assert fragment in text, fragment
+    assert "stopped early" not in text
+
+
+def test_format_mentions_early_stop_pattern_and_init_from():
+    ledger = _ledger([(1.2, 0.01, 2)])
+    config = _config(trainable="Dense_.*", noise_multiplier=1.2)
+    config.init_from = "/runs/pretrain"
+    text = report_lib.format_privacy_report(
+        _report(ledger, config, stopped_by_budget=True, calibrated=False))
+    assert "stopped early" in text
+    assert "'Dense_.*'" in text and "/runs/pretrain" in text
+    assert "calibrated" not in text
+
+
+def test_write_privacy_report_writes_json_and_text(tmp_path, one_phase, capsys):
+    _, report = one_phase
+    text = report_lib.write_privacy_report(str(tmp_path), report)
+    assert sorted(os.listdir(tmp_path)) == sorted([report_lib.PRIVACY_JSON,
+                                                   report_lib.PRIVACY_TEXT])
+    with open(tmp_path / report_lib.PRIVACY_JSON) as f:
+        assert json.load(f) == report
+    assert (tmp_path / report_lib.PRIVACY_TEXT).read_text() == text
+    assert text == report_lib.format_privacy_report(report)
+    assert text in capsys.readouterr().out

@@ -1,0 +1,175 @@
+"""The config -> typed objects boundary: data spec, UNet config, keys, host batches, the loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdpdm import experiment
+from jaxdpdm.data import DataSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tiny_config):
+    """The quickstart ":tiny" experiment with its data (8x8 digits, 10 classes)."""
+    return experiment.build_experiment(tiny_config())
+
+
+def _key_bits(key) -> np.ndarray:
+    return np.asarray(jax.random.key_data(key))
+
+
+def test_unet_config_comes_from_the_data_and_the_model_config(tiny_experiment, tiny_config):
+    config = tiny_config()
+    u, data = tiny_experiment.unet_config, tiny_experiment.dataset
+    assert data is not None
+    assert data.images.shape[1:] == (u.image_size, u.image_size, u.in_channels) == (8, 8, 1)
+    assert u.num_classes == data.num_classes == 10
+    assert tiny_experiment.null_label == 10  # the extra "no class" row for guidance
+    assert u.base_channels == config.model.base_channels
+    assert u.channel_mult == tuple(config.model.channel_mult)
+    assert u.attention_resolutions == tuple(config.model.attention_resolutions)
+    assert tiny_experiment.schedule.num_timesteps == config.diffusion.num_timesteps
+    assert tiny_experiment.timestep_dist.ranges == ((0, 1000),)
+
+
+def test_building_with_num_classes_loads_no_data(tiny_config, monkeypatch):
+    def no_loading(spec):
+        raise AssertionError(f"data was loaded: {spec}")
+
+    monkeypatch.setattr(experiment, "load_dataset", no_loading)
+    config = tiny_config()
+    config.data.name = "fashion_mnist"  # not available here: must not be touched
+    exp = experiment.build_experiment(config, num_classes=7)
+    assert exp.dataset is None
+    assert exp.unet_config.num_classes == 7 and exp.null_label == 7
+
+
+def test_a_given_dataset_fixes_the_number_of_classes(tiny_experiment, tiny_config, monkeypatch):
+    monkeypatch.setattr(experiment, "load_dataset", None)
+    exp = experiment.build_experiment(tiny_config(), tiny_experiment.dataset, num_classes=3)
+    assert exp.dataset is tiny_experiment.dataset
+    assert exp.unet_config.num_classes == 10
+
+
+def test_unconditional_model_has_no_classes(tiny_config):
+    config = tiny_config()
+    config.model.class_conditional = False
+    exp = experiment.build_experiment(config, num_classes=10)
+    assert exp.unet_config.num_classes is None and exp.null_label is None
+
+
+def test_unet_config_refuses_an_unbuildable_architecture(tiny_config):
+    config = tiny_config()
+    config.model.channel_mult = (1, 2, 2, 2)  # four levels: 12x12 cannot be halved 3 times
+    config.data.image_size = 12
+    with pytest.raises(ValueError, match="image_size"):
+        experiment.unet_config(config, 10)
+
+
+def test_timestep_distribution_from_config_lists(tiny_config):
+    config = tiny_config()
+    config.diffusion.timestep_ranges = ([0, 200], [200, 1000])
+    config.diffusion.timestep_weights = (1, 3)
+    dist = experiment.timestep_distribution(config)
+    assert dist.ranges == ((0, 200), (200, 1000))
+    assert dist.weights == pytest.approx((0.25, 0.75))
+    hash(dist)  # a static jit argument
+
+
+@pytest.mark.parametrize("indices", [[5, 0, 7], [1441], list(range(16))])
+def test_host_batch_gathers_by_dataset_index(tiny_experiment, indices):
+    indices = np.asarray(indices, np.int64)
+    batch = tiny_experiment.host_batch(indices)
+    data = tiny_experiment.dataset
+    assert set(batch) == {"image", "label", "index"}
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (len(indices), 8, 8, 1)
+    assert batch["label"].dtype == np.int32 and batch["label"].shape == (len(indices),)
+    assert batch["index"].dtype == np.int32
+    np.testing.assert_array_equal(batch["image"], data.images[indices])
+    np.testing.assert_array_equal(batch["label"], data.labels[indices])
+    np.testing.assert_array_equal(batch["index"], indices)
+
+
+def test_example_key_is_a_typed_key_that_depends_on_seed_and_step(tiny_config):
+    keys = {}
+    for seed in (0, 1):
+        config = tiny_config()
+        config.seed = seed
+        exp = experiment.build_experiment(config, num_classes=10)
+        for step in (0, 1, 2):
+            key = exp.example_key(step)
+            assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            keys[seed, step] = _key_bits(key).tobytes()
+            # Deterministic: resuming recomputes the same key.
+            assert _key_bits(exp.example_key(step)).tobytes() == keys[seed, step]
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_example_and_sample_keys_are_different_streams(tiny_experiment):
+    for tag in (0, 1):
+        assert not np.array_equal(_key_bits(tiny_experiment.example_key(tag)),
+                                  _key_bits(tiny_experiment.sample_key(tag)))
+
+
+def test_loss_fn_on_one_example_is_a_finite_scalar(tiny_experiment, tiny_config):
+    # A one-level UNet: compiling it takes a few seconds where the tiny quickstart UNet (and
+    # its jitted initialiser) take tens of seconds on a loaded 2-core machine.
+    config = tiny_config()
+    config.model.base_channels = 4
+    config.model.channel_mult = (1,)
+    config.model.attention_resolutions = ()
+    exp = experiment.build_experiment(config, num_classes=10)
+    # Parameters from shapes only, with random values: no initialiser to compile.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                          jax.eval_shape(exp.init_params))
+    example = jax.tree.map(lambda x: x[0], tiny_experiment.host_batch(np.asarray([3])))
+    loss = jax.jit(exp.loss_fn)
+    values = [loss(params, example, jax.random.fold_in(exp.example_key(0), i)) for i in range(2)]
+    for value in values:
+        assert value.shape == () and value.dtype == jnp.float32
+        assert np.isfinite(float(value)) and float(value) > 0
+    # The rng drives timesteps and noise, so two keys give two losses.
+    assert float(values[0]) != float(values[1])
+
+
+def test_count_params():
+    tree = {"a": np.zeros((3, 4)), "b": {"c": np.zeros((5,))}}
+    assert experiment.count_params(tree) == 17
+
+
+# --- data_spec -------------------------------------------------------------------------------------
+
+def test_data_spec_mirrors_config_data(tiny_config):
+    config = tiny_config()
+    spec = experiment.data_spec(config)
+    assert isinstance(spec, DataSpec)
+    assert (spec.name, spec.image_size, spec.channels, spec.split) == ("digits", 8, 1, "train")
+    assert spec.classes is None
+
+
+@pytest.mark.parametrize("name, split", [("digits", "test"), ("tfds:cifar10", "train[:90%]")])
+def test_data_spec_split_override(tiny_config, name, split):
+    config = tiny_config()
+    config.data.name = name
+    spec = experiment.data_spec(config, split=split)
+    assert (spec.name, spec.split) == (name, split)
+    assert config.data.split == "train"  # the config is not modified
+
+
+def test_data_spec_classes_become_a_tuple(tiny_config):
+    config = tiny_config()
+    config.data.classes = (3, 5)
+    spec = experiment.data_spec(config)
+    assert spec.classes == (3, 5) and isinstance(spec.classes, tuple)
+
+
+def test_data_spec_carries_every_data_field_but_test_split(tiny_config):
+    config = tiny_config()
+    config.data.max_examples = 100
+    config.data.public_fraction = 0.5
+    config.data.subset = "private"
+    spec = experiment.data_spec(config)
+    assert (spec.max_examples, spec.public_fraction, spec.subset) == (100, 0.5, "private")
+    assert not hasattr(spec, "test_split")

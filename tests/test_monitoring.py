@@ -1,0 +1,96 @@
+"""MetricsLogger: TensorBoard scalars in the workdir and a console line with speed and ETA.
+
+(GridWriter compiles a sampler; it is covered end to end by tests/test_train.py.)
+"""
+
+import glob
+import os
+import types
+
+import pytest
+
+from jaxdpdm import monitoring
+
+
+class FakeClock:
+    """Stands in for `time` in the monitoring module: perf_counter returns the given readings."""
+
+    def __init__(self, *readings):
+        self._readings = list(readings)
+
+    def perf_counter(self):
+        return self._readings.pop(0)
+
+
+def _event_scalars(workdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files in `workdir`."""
+    import tensorflow as tf  # already imported by clu's writers
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
+                          else value.simple_value)
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    def install(*readings):
+        monkeypatch.setattr(monitoring, "time",
+                            types.SimpleNamespace(perf_counter=FakeClock(*readings).perf_counter))
+    return install
+
+
+def _progress(out: str) -> tuple[str, dict[str, float]]:
+    """('[step 3/10]', {name: value}) from the one line `write` printed."""
+    (line,) = out.splitlines()
+    head, _, rest = line.partition("] ")
+    return head + "]", {k: float(v) for k, v in (item.split("=") for item in rest.split())}
+
+
+def test_writes_scalars_to_tensorboard_and_a_progress_line(tmp_path, clock, capsys):
+    clock(100.0, 104.0, 105.0)
+    logger = monitoring.MetricsLogger(str(tmp_path), num_steps=10)
+    logger.write(1, {"loss": 0.5})
+    assert _progress(capsys.readouterr().out) == ("[step 1/10]", {"loss": 0.5})
+
+    logger.write(3, {"loss": 0.25, "clipped": 0.75})  # 2 steps in 4 s
+    head, shown = _progress(capsys.readouterr().out)
+    assert head == "[step 3/10]"
+    # 0.5 steps/s with 7 steps left: 14 s (printed with 4 significant digits).
+    assert shown == pytest.approx({"loss": 0.25, "clipped": 0.75, "steps_per_sec": 0.5,
+                                   "eta_minutes": 14 / 60}, rel=1e-3)
+
+    logger.write(5, {"loss": 0.125})  # 2 steps in 1 s
+    _, shown = _progress(capsys.readouterr().out)
+    assert shown == pytest.approx({"loss": 0.125, "steps_per_sec": 2.0,
+                                   "eta_minutes": 2.5 / 60}, rel=1e-3)
+    logger.close()
+
+    scalars = _event_scalars(str(tmp_path))
+    assert scalars["loss"] == {1: 0.5, 3: 0.25, 5: 0.125}
+    assert scalars["steps_per_sec"] == pytest.approx({3: 0.5, 5: 2.0})
+    assert scalars["eta_minutes"] == pytest.approx({3: 14 / 60, 5: 2.5 / 60})
+    assert scalars["clipped"] == {3: 0.75}
+
+
+def test_a_repeated_step_reports_no_speed(tmp_path, clock, capsys):
+    clock(1.0, 2.0)
+    logger = monitoring.MetricsLogger(str(tmp_path), num_steps=4)
+    logger.write(2, {"loss": 1.0})
+    logger.write(2, {"loss": 1.0})  # e.g. the final metrics of a resumed run
+    for line in capsys.readouterr().out.splitlines():
+        assert _progress(line)[1] == {"loss": 1.0}
+    logger.close()
+
+
+def test_disabled_logger_prints_but_writes_no_event_file(tmp_path, clock, capsys):
+    clock(1.0)
+    logger = monitoring.MetricsLogger(str(tmp_path), num_steps=4, enabled=False)
+    logger.write(1, {"loss": 2.0})
+    logger.close()
+    assert _progress(capsys.readouterr().out) == ("[step 1/4]", {"loss": 2.0})
+    assert os.listdir(tmp_path) == []
