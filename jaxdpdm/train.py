@@ -84,8 +84,11 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
             steps=t.num_steps - ledger.total_steps, accountant=p.accountant,
             num_examples=num_examples)
         calibrated = True
-    chunk = batching.physical_batch_size(
-        t.batch_size, num_shards=num_devices, microbatch_size=t.microbatch_size)
+    # One chunk is one microbatch per device: a Poisson draw becomes ceil(n / chunk) calls of
+    # the same compiled program, the last one padded. Looping over microbatches on the host
+    # rather than with lax.scan inside one program is deliberate: on XLA:CPU the scanned
+    # per-example gradients ran ~10x slower per example (measured: 259 vs 23 ms at 16x16, K=4).
+    chunk = num_devices * t.microbatch_size
     return DPPlan(sigma, q, t.batch_size, chunk, calibrated)
 
 
