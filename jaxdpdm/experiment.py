@@ -91,10 +91,15 @@ class Experiment:
 
 
 def data_spec(config, split: str | None = None) -> DataSpec:
+    """The `DataSpec` of `config.data`, or of another split of the same source.
+
+    The public/private subset and `max_examples` select *training* examples; another split
+    (the real test set of `--mode=evaluate`) is taken whole.
+    """
     fields = config.data.to_dict()
     fields.pop("test_split", None)
-    if split is not None:
-        fields["split"] = split
+    if split is not None and split != fields["split"]:
+        fields.update(split=split, subset="all", public_fraction=0.0, max_examples=None)
     if fields.get("classes") is not None:
         fields["classes"] = tuple(fields["classes"])
     return DataSpec.from_dict(fields)

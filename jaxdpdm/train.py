@@ -17,6 +17,7 @@ resumed run replays exactly the releases an uninterrupted run makes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import signal
@@ -29,8 +30,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxdpdm import parallel, storage
-from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, has_checkpoint,
-                                load_init_params)
+from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, checkpoint_dir,
+                                has_checkpoint, load_init_params)
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
 from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
@@ -112,8 +113,8 @@ class Trainer:
         if meta and meta.get("phase") != config.phase:
             raise ValueError(f"{self.workdir} holds a {meta.get('phase')!r} run, this config is "
                              f"phase {config.phase!r}: use a new workdir (and init_from)")
-        if not meta and config.init_from is not None and not has_checkpoint(config.init_from):
-            raise FileNotFoundError(f"init_from={config.init_from!r} holds no checkpoint")
+        if not meta:
+            _check_init_from(config)
         self.config = config = _with_seed(config, meta.get("seed"))
         self.exp = build_experiment(config)
         self.dp = config.phase == "dp"
@@ -312,6 +313,40 @@ class Trainer:
                      "calibrated" if p.calibrated else "given", p.sampling_rate,
                      p.expected_batch_size, p.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
                      c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
+
+
+def _check_init_from(config) -> None:
+    """Refuses a fine-tuning start that would silently weaken or void the guarantee.
+
+    * `init_reinit` is only set by fine-tuning configs: without `init_from` such a run would
+      train from scratch and spend the budget on a model that cannot be good.
+    * Pretraining on one part of a dataset and fine-tuning on its private part is sound only
+      if the pretraining run used the *public* part of the same split; otherwise the "public"
+      model has seen private images, which the accountant does not cover.
+    """
+    if config.init_from is None:
+        if config.init_reinit is not None:
+            raise ValueError("init_reinit is set but init_from is not: this config fine-tunes a "
+                             "pretrained model; set --config.init_from=<pretraining workdir>")
+        return
+    if not has_checkpoint(config.init_from):
+        raise FileNotFoundError(f"init_from={config.init_from!r} holds no checkpoint")
+    if config.phase != "dp" or config.data.subset != "private":
+        return
+    store = CheckpointStore(checkpoint_dir(config.init_from), create=False)
+    try:
+        source = json.loads(store.restore_meta()["config"])["data"]
+    finally:
+        store.close()
+    mine = config.data
+    if source["name"] == mine.name and (
+            source["subset"] != "public" or source["public_fraction"] != mine.public_fraction
+            or source["split_seed"] != mine.split_seed):
+        raise ValueError(
+            f"init_from={config.init_from!r} was trained on {source['name']} subset "
+            f"{source['subset']!r} (public_fraction={source['public_fraction']}, "
+            f"split_seed={source['split_seed']}); fine-tuning on the private subset needs a "
+            f"model pretrained on the public subset of the same split")
 
 
 def _resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:

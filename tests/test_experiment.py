@@ -173,3 +173,15 @@ def test_data_spec_carries_every_data_field_but_test_split(tiny_config):
     spec = experiment.data_spec(config)
     assert (spec.max_examples, spec.public_fraction, spec.subset) == (100, 0.5, "private")
     assert not hasattr(spec, "test_split")
+
+
+def test_the_test_split_is_taken_whole(tiny_config):
+    """The public/private subset and max_examples select training data, not the test set."""
+    config = tiny_config()
+    config.data.max_examples = 100
+    config.data.public_fraction = 0.1
+    config.data.subset = "private"
+    spec = experiment.data_spec(config, split="test")
+    assert (spec.split, spec.subset, spec.public_fraction, spec.max_examples) == (
+        "test", "all", 0.0, None)
+    assert experiment.data_spec(config).subset == "private"

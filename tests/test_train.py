@@ -105,6 +105,13 @@ def test_pretrain_then_dp_finetune_from_its_ema(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="incompatible: parameter"):
         Trainer(other, str(tmp_path / "dp_other"))
 
+    # Fine-tuning on the private part of a split needs a model pretrained on its public part.
+    private = tiny_config()
+    private.init_from = str(tmp_path / "pre")
+    private.data.public_fraction, private.data.subset = 0.2, "private"
+    with pytest.raises(ValueError, match="pretrained on the public subset of the same split"):
+        Trainer(private, str(tmp_path / "dp_private"))
+
     # A DP config pointed at the pretraining workdir itself must not resume it without a ledger.
     with pytest.raises(ValueError, match="holds a 'pretrain' run"):
         Trainer(tiny_config(), str(tmp_path / "pre"))
@@ -119,6 +126,7 @@ def test_pretrain_then_dp_finetune_from_its_ema(tmp_path, tiny_config):
     ("dp.clip_norm", -1.0, "dp.clip_norm"),
     ("dp.trainable", "no_such_layer", "selects no parameter"),
     ("phase", "finetune", "phase"),
+    ("init_reinit", "label_embed", "init_reinit is set but init_from is not"),
 ])
 def test_bad_config_fails_before_training(tmp_path, tiny_config, field, value, message):
     config = tiny_config()
