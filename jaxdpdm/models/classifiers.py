@@ -4,12 +4,12 @@ Two architectures, both taking float32 images in [-1, 1] of shape [B, H, W, C] a
 returning logits [B, num_classes]:
 
 * `DPDMCNN`: the small CNN that DPDM (Dockhorn et al., 2023) trains on synthetic MNIST /
-  Fashion-MNIST: three 3x3 conv layers (32, 64, 128 channels), each followed by ReLU and
-  2x2 max-pooling, then dropout 0.5, a dense layer of 128 units with ReLU, and the
-  classification layer.
+    Fashion-MNIST: three 3x3 conv layers (32, 64, 128 channels), each followed by ReLU and
+    2x2 max-pooling, then dropout 0.5, a dense layer of 128 units with ReLU, and the
+    classification layer.
 * `WideResNet`: the pre-activation wide residual network of Zagoruyko & Komodakis (2016);
-  `classifier_for("wrn16_4", ...)` gives WRN-16-4 (depth 16, width 4, ~2.75M parameters
-  for 10 classes), the downstream classifier of Ghalebikesabi et al. (2023) on CIFAR-10.
+    `classifier_for("wrn16_4", ...)` gives WRN-16-4 (depth 16, width 4, ~2.75M parameters
+    for 10 classes), the downstream classifier of Ghalebikesabi et al. (2023) on CIFAR-10.
 
 Normalisation choice: the standard WRN uses BatchNorm. These classifiers are trained
 non-privately, so BatchNorm would be allowed, but we use GroupNorm (16 groups): it keeps
@@ -36,11 +36,11 @@ class DPDMCNN(nn.Module):
     """DPDM's downstream CNN for MNIST-like images.
 
     Attributes:
-      num_classes: number of output logits.
-      conv_channels: output channels of the three 3x3 conv layers.
-      dense_features: width of the hidden dense layer.
-      dropout_rate: dropout applied to the flattened conv features (uses the "dropout"
-        rng collection when `train=True`).
+        num_classes: number of output logits.
+        conv_channels: output channels of the three 3x3 conv layers.
+        dense_features: width of the hidden dense layer.
+        dropout_rate: dropout applied to the flattened conv features (uses the "dropout"
+            rng collection when `train=True`).
     """
 
     num_classes: int
@@ -59,7 +59,8 @@ class DPDMCNN(nn.Module):
         if images.ndim != 4 or min(images.shape[1:3]) < min_size:
             raise ValueError(
                 f"DPDMCNN needs images [B, H, W, C] with H, W >= {min_size} "
-                f"(it pools {len(self.conv_channels)} times); got shape {images.shape}")
+                f"(it pools {len(self.conv_channels)} times); got shape {images.shape}"
+            )
         x = images
         for channels in self.conv_channels:
             # SAME padding keeps the conv from shrinking the map, so only pooling
@@ -77,10 +78,10 @@ class WideResidualBlock(nn.Module):
     """Pre-activation residual block: norm-relu-conv3x3-norm-relu-dropout-conv3x3.
 
     Attributes:
-      out_channels: channels of the block's output.
-      stride: stride of the first conv (2 halves H and W).
-      num_groups: GroupNorm groups (must divide the input and output channels).
-      dropout_rate: dropout between the two convs (0 in the standard WRN-16-4).
+        out_channels: channels of the block's output.
+        stride: stride of the first conv (2 halves H and W).
+        num_groups: GroupNorm groups (must divide the input and output channels).
+        dropout_rate: dropout between the two convs (0 in the standard WRN-16-4).
     """
 
     out_channels: int
@@ -95,10 +96,14 @@ class WideResidualBlock(nn.Module):
         needs_projection = self.stride != 1 or x.shape[-1] != self.out_channels
         # As in the reference WRN, the projection shortcut reads the pre-activated
         # input; the identity shortcut carries the raw input.
-        shortcut = (nn.Conv(self.out_channels, (1, 1), strides=self.stride, use_bias=False)(
-            preactivated) if needs_projection else x)
-        y = nn.Conv(self.out_channels, (3, 3), strides=self.stride, padding=1,
-                    use_bias=False)(preactivated)
+        shortcut = (
+            nn.Conv(self.out_channels, (1, 1), strides=self.stride, use_bias=False)(preactivated)
+            if needs_projection
+            else x
+        )
+        y = nn.Conv(self.out_channels, (3, 3), strides=self.stride, padding=1, use_bias=False)(
+            preactivated
+        )
         y = nn.relu(nn.GroupNorm(num_groups=self.num_groups)(y))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.Conv(self.out_channels, (3, 3), padding=1, use_bias=False)(y)
@@ -112,11 +117,11 @@ class WideResNet(nn.Module):
     channels; the second and third groups start with stride 2.
 
     Attributes:
-      num_classes: number of output logits.
-      depth: total depth; (depth - 4) must be divisible by 6.
-      width: channel multiplier.
-      num_groups: GroupNorm groups (must divide 16 and 16*width).
-      dropout_rate: dropout inside residual blocks.
+        num_classes: number of output logits.
+        depth: total depth; (depth - 4) must be divisible by 6.
+        width: channel multiplier.
+        num_groups: GroupNorm groups (must divide 16 and 16*width).
+        dropout_rate: dropout inside residual blocks.
     """
 
     num_classes: int
@@ -135,8 +140,9 @@ class WideResNet(nn.Module):
         for group, channels in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
             for block in range(blocks_per_group):
                 stride = 2 if group > 0 and block == 0 else 1
-                x = WideResidualBlock(channels, stride, self.num_groups,
-                                      self.dropout_rate)(x, train=train)
+                x = WideResidualBlock(channels, stride, self.num_groups, self.dropout_rate)(
+                    x, train=train
+                )
         x = nn.relu(nn.GroupNorm(num_groups=self.num_groups)(x))
         x = jnp.mean(x, axis=(1, 2))  # global average pooling: any input size works
         return nn.Dense(self.num_classes)(x)
@@ -164,6 +170,7 @@ def count_parameters(module: nn.Module, image_shape: tuple[int, int, int]) -> in
 
     Nothing is allocated: only the shapes of the initial params are traced.
     """
-    shapes = jax.eval_shape(lambda key: init_classifier(module, key, image_shape),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda key: init_classifier(module, key, image_shape), jax.random.key(0)
+    )
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))

@@ -28,200 +28,230 @@ zero_init = nn.initializers.zeros
 
 
 def group_norm_groups(channels: int, max_groups: int = 32) -> int:
-  """Number of GroupNorm groups used for `channels` channels.
+    """Number of GroupNorm groups used for `channels` channels.
 
-  Rule: the largest divisor of `channels` that is at most `min(max_groups, channels)`. Wide
-  layers (multiples of 32 channels) get the standard 32 groups; narrow CPU-sized layers get
-  fewer, e.g. 8 channels -> 8 groups, 48 -> 24, 20 -> 20, 40 -> 20. GroupNorm needs the
-  group count to divide the channel count, so a plain `min(32, channels)` would fail for 40.
+    Rule: the largest divisor of `channels` that is at most `min(max_groups, channels)`. Wide
+    layers (multiples of 32 channels) get the standard 32 groups; narrow CPU-sized layers get
+    fewer, e.g. 8 channels -> 8 groups, 48 -> 24, 20 -> 20, 40 -> 20. GroupNorm needs the
+    group count to divide the channel count, so a plain `min(32, channels)` would fail for 40.
 
-  Raises:
-    ValueError: `channels` or `max_groups` is not positive.
-  """
-  if channels < 1 or max_groups < 1:
-    raise ValueError(f"channels and max_groups must be positive, got {channels}, {max_groups}")
-  return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    Raises:
+        ValueError: `channels` or `max_groups` is not positive.
+    """
+    if channels < 1 or max_groups < 1:
+        raise ValueError(f"channels and max_groups must be positive, got {channels}, {max_groups}")
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-  """Sinusoidal embedding of (integer or real) timesteps, as in the Transformer/DDPM.
+    """Sinusoidal embedding of (integer or real) timesteps, as in the Transformer/DDPM.
 
-  Frequencies are geometric from 1 down to 1/max_period, so timesteps 0..999 get both slowly
-  and quickly varying features.
+    Frequencies are geometric from 1 down to 1/max_period, so timesteps 0..999 get both slowly
+    and quickly varying features.
 
-  Args:
-    t: timesteps `[B]` (int or float; fractional timesteps are allowed).
-    dim: embedding width (odd widths get one trailing zero feature).
-    max_period: the slowest period.
+    Args:
+        t: timesteps `[B]` (int or float; fractional timesteps are allowed).
+        dim: embedding width (odd widths get one trailing zero feature).
+        max_period: the slowest period.
 
-  Returns:
-    float32 `[B, dim]`: `[cos(t * f_i), sin(t * f_i)]`.
-  """
-  if dim < 1:
-    raise ValueError(f"embedding dim must be positive, got {dim}")
-  t = jnp.asarray(t, jnp.float32)
-  if t.ndim != 1:
-    raise ValueError(f"timesteps must have shape [B], got {t.shape}")
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
-  args = t[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
+    Returns:
+        float32 `[B, dim]`: `[cos(t * f_i), sin(t * f_i)]`.
+    """
+    if dim < 1:
+        raise ValueError(f"embedding dim must be positive, got {dim}")
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must have shape [B], got {t.shape}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+    args = t[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm with the group-count rule of `group_norm_groups`; per example, no batch stats.
+    """GroupNorm with the group-count rule of `group_norm_groups`; per example, no batch stats.
 
-  Attributes:
-    dtype: output dtype (moments are reduced in float32 by flax).
-  """
-  dtype: Dtype = jnp.float32
+    Attributes:
+        dtype: output dtype (moments are reduced in float32 by flax).
+    """
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[B, H, W, C]` (or `[B, L, C]`) -> same shape, normalised over spatial x group."""
-    return nn.GroupNorm(num_groups=group_norm_groups(x.shape[-1]), epsilon=1e-5,
-                        dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` (or `[B, L, C]`) -> same shape, normalised over spatial x group."""
+        return nn.GroupNorm(
+            num_groups=group_norm_groups(x.shape[-1]),
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="norm",
+        )(x)
 
 
-def conv3x3(features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1,
-            name: str | None = None) -> nn.Conv:
-  """3x3 convolution with padding 1 (a stride-2 one halves even sizes exactly)."""
-  kwargs = {"kernel_init": zero_init} if zero else {}
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                 dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+def conv3x3(
+    features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1, name: str | None = None
+) -> nn.Conv:
+    """3x3 convolution with padding 1 (a stride-2 one halves even sizes exactly)."""
+    kwargs = {"kernel_init": zero_init} if zero else {}
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(strides, strides),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        **kwargs,
+    )
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
-  """`[B, H, W, C]` -> `[B, 2H, 2W, C]` by repeating pixels."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    """`[B, H, W, C]` -> `[B, 2H, 2W, C]` by repeating pixels."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def downsample_avg(x: jax.Array) -> jax.Array:
-  """`[B, H, W, C]` -> `[B, H/2, W/2, C]` by 2x2 average pooling (H, W even)."""
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    """`[B, H, W, C]` -> `[B, H/2, W/2, C]` by 2x2 average pooling (H, W even)."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
 class Downsample(nn.Module):
-  """Halves the spatial size: stride-2 3x3 conv (`use_conv`) or 2x2 average pooling.
+    """Halves the spatial size: stride-2 3x3 conv (`use_conv`) or 2x2 average pooling.
 
-  Attributes:
-    use_conv: learnable stride-2 conv instead of a parameter-free average pool.
-    dtype: compute dtype.
-  """
-  use_conv: bool = True
-  dtype: Dtype = jnp.float32
+    Attributes:
+        use_conv: learnable stride-2 conv instead of a parameter-free average pool.
+        dtype: compute dtype.
+    """
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
-    if self.use_conv:
-      return conv3x3(x.shape[-1], self.dtype, strides=2, name="conv")(x)
-    return downsample_avg(x)
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
+        if self.use_conv:
+            return conv3x3(x.shape[-1], self.dtype, strides=2, name="conv")(x)
+        return downsample_avg(x)
 
 
 class Upsample(nn.Module):
-  """Doubles the spatial size: nearest-neighbour repeat, then (`use_conv`) a 3x3 conv.
+    """Doubles the spatial size: nearest-neighbour repeat, then (`use_conv`) a 3x3 conv.
 
-  Attributes:
-    use_conv: follow the repeat with a 3x3 conv that smooths the blocky upsampling.
-    dtype: compute dtype.
-  """
-  use_conv: bool = True
-  dtype: Dtype = jnp.float32
+    Attributes:
+        use_conv: follow the repeat with a 3x3 conv that smooths the blocky upsampling.
+        dtype: compute dtype.
+    """
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[B, H, W, C]` -> `[B, 2H, 2W, C]`."""
-    x = upsample_nearest(x)
-    if self.use_conv:
-      x = conv3x3(x.shape[-1], self.dtype, name="conv")(x)
-    return x
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, 2H, 2W, C]`."""
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv3x3(x.shape[-1], self.dtype, name="conv")(x)
+        return x
 
 
 class ResBlock(nn.Module):
-  """Residual block with scale-shift conditioning on the (time + class) embedding.
+    """Residual block with scale-shift conditioning on the (time + class) embedding.
 
-  `h = conv(GN(x) act); h = GN(h) * (1 + scale(emb)) + shift(emb); h = conv0(dropout(act h))`,
-  output `skip(x) + h`. With `up`/`down` the block also resamples (BigGAN-style, as in ADM):
-  both branches are resampled after the first norm+activation of the residual branch.
+    `h = conv(GN(x) act); h = GN(h) * (1 + scale(emb)) + shift(emb); h = conv0(dropout(act h))`,
+    output `skip(x) + h`. With `up`/`down` the block also resamples (BigGAN-style, as in ADM):
+    both branches are resampled after the first norm+activation of the residual branch.
 
-  Attributes:
-    out_channels: channels of the output.
-    dropout: dropout rate before the last conv (active only when `train`).
-    up: double the spatial size inside the block.
-    down: halve the spatial size inside the block.
-    dtype: compute dtype.
-  """
-  out_channels: int
-  dropout: float = 0.0
-  up: bool = False
-  down: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
-    """Applies the block.
-
-    Args:
-      x: `[B, H, W, C_in]`.
-      emb: `[B, E]` conditioning embedding (already passed through its MLP).
-      train: enables dropout (needs the "dropout" rng collection).
-
-    Returns:
-      `[B, H', W', out_channels]` with H' = 2H (up), H/2 (down) or H.
+    Attributes:
+        out_channels: channels of the output.
+        dropout: dropout rate before the last conv (active only when `train`).
+        up: double the spatial size inside the block.
+        down: halve the spatial size inside the block.
+        dtype: compute dtype.
     """
-    if self.up and self.down:
-      raise ValueError("a ResBlock cannot both upsample and downsample")
-    h = nn.silu(GroupNorm(self.dtype, name="in_norm")(x))
-    if self.up:
-      h, x = upsample_nearest(h), upsample_nearest(x)
-    elif self.down:
-      h, x = downsample_avg(h), downsample_avg(x)
-    h = conv3x3(self.out_channels, self.dtype, name="in_conv")(h)
 
-    # One Dense gives both scale and shift per channel; the "1 +" makes a zero scale the
-    # identity, so the conditioning starts as a small perturbation of plain GroupNorm.
-    scale_shift = nn.Dense(2 * self.out_channels, dtype=self.dtype, param_dtype=jnp.float32,
-                           name="emb_proj")(nn.silu(emb))
-    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = GroupNorm(self.dtype, name="out_norm")(h) * (1 + scale) + shift
-    h = nn.Dropout(rate=self.dropout, deterministic=not train)(nn.silu(h))
-    h = conv3x3(self.out_channels, self.dtype, zero=True, name="out_conv")(h)
+    out_channels: int
+    dropout: float = 0.0
+    up: bool = False
+    down: bool = False
+    dtype: Dtype = jnp.float32
 
-    if x.shape[-1] != self.out_channels:
-      # 1x1 projection of the skip path when the width changes.
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                  name="skip_proj")(x)
-    return x + h
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+        """Applies the block.
+
+        Args:
+            x: `[B, H, W, C_in]`.
+            emb: `[B, E]` conditioning embedding (already passed through its MLP).
+            train: enables dropout (needs the "dropout" rng collection).
+
+        Returns:
+            `[B, H', W', out_channels]` with H' = 2H (up), H/2 (down) or H.
+        """
+        if self.up and self.down:
+            raise ValueError("a ResBlock cannot both upsample and downsample")
+        h = nn.silu(GroupNorm(self.dtype, name="in_norm")(x))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = downsample_avg(h), downsample_avg(x)
+        h = conv3x3(self.out_channels, self.dtype, name="in_conv")(h)
+
+        # One Dense gives both scale and shift per channel; the "1 +" makes a zero scale the
+        # identity, so the conditioning starts as a small perturbation of plain GroupNorm.
+        scale_shift = nn.Dense(
+            2 * self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="emb_proj"
+        )(nn.silu(emb))
+        scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
+        h = GroupNorm(self.dtype, name="out_norm")(h) * (1 + scale) + shift
+        h = nn.Dropout(rate=self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv3x3(self.out_channels, self.dtype, zero=True, name="out_conv")(h)
+
+        if x.shape[-1] != self.out_channels:
+            # 1x1 projection of the skip path when the width changes.
+            x = nn.Conv(
+                self.out_channels,
+                (1, 1),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="skip_proj",
+            )(x)
+        return x + h
 
 
 class AttentionBlock(nn.Module):
-  """Multi-head self-attention over the H*W positions of one example, with a residual.
+    """Multi-head self-attention over the H*W positions of one example, with a residual.
 
-  Attributes:
-    num_heads: number of heads; must divide the channel count.
-    dtype: compute dtype (the softmax runs in float32).
-  """
-  num_heads: int
-  dtype: Dtype = jnp.float32
+    Attributes:
+        num_heads: number of heads; must divide the channel count.
+        dtype: compute dtype (the softmax runs in float32).
+    """
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[B, H, W, C]` -> `[B, H, W, C]`: `x + proj0(attention(GN(x)))`."""
-    batch, height, width, channels = x.shape
-    if channels % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} does not divide {channels} channels")
-    head_dim = channels // self.num_heads
-    h = GroupNorm(self.dtype, name="norm")(x).reshape(batch, height * width, channels)
-    qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
-    qkv = qkv.reshape(batch, height * width, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, heads, head_dim]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height * width, channels)
-    out = nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zero_init,
-                   name="proj_out")(out)
-    return x + out.reshape(batch, height, width, channels).astype(x.dtype)
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H, W, C]`: `x + proj0(attention(GN(x)))`."""
+        batch, height, width, channels = x.shape
+        if channels % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} does not divide {channels} channels")
+        head_dim = channels // self.num_heads
+        h = GroupNorm(self.dtype, name="norm")(x).reshape(batch, height * width, channels)
+        qkv = nn.Dense(3 * channels, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+        qkv = qkv.reshape(batch, height * width, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, heads, head_dim]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height * width, channels)
+        out = nn.Dense(
+            channels,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=zero_init,
+            name="proj_out",
+        )(out)
+        return x + out.reshape(batch, height, width, channels).astype(x.dtype)

@@ -6,67 +6,77 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpdm.models.layers import (AttentionBlock, Downsample, GroupNorm, ResBlock, Upsample,
-                                   group_norm_groups, timestep_embedding)
+from jaxdpdm.models.layers import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm,
+    ResBlock,
+    Upsample,
+    group_norm_groups,
+    timestep_embedding,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 8, 12, 20, 40, 48, 64, 96, 192, 384, 100, 37])
 def test_group_count_is_largest_divisor_at_most_32(channels):
-  groups = group_norm_groups(channels)
-  assert channels % groups == 0 and 1 <= groups <= min(32, channels)
-  assert not any(channels % g == 0 for g in range(groups + 1, min(32, channels) + 1))
+    groups = group_norm_groups(channels)
+    assert channels % groups == 0 and 1 <= groups <= min(32, channels)
+    assert not any(channels % g == 0 for g in range(groups + 1, min(32, channels) + 1))
 
 
 def test_group_count_examples_and_errors():
-  assert [group_norm_groups(c) for c in (8, 40, 64, 192)] == [8, 20, 32, 32]
-  with pytest.raises(ValueError):
-    group_norm_groups(0)
+    assert [group_norm_groups(c) for c in (8, 40, 64, 192)] == [8, 20, 32, 32]
+    with pytest.raises(ValueError):
+        group_norm_groups(0)
 
 
 def test_group_norm_is_per_example():
-  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 8)) * jnp.arange(1, 4)[:, None, None, None]
-  out, _ = jax.jit(GroupNorm().init_with_output)(jax.random.key(1), x)
-  # Each example is normalised with its own statistics: zero mean / unit variance per group.
-  per_group = np.asarray(out).reshape(3, 16, 8)  # 8 channels -> 8 groups of one channel
-  np.testing.assert_allclose(per_group.mean(axis=1), 0.0, atol=1e-5)
-  np.testing.assert_allclose(per_group.var(axis=1), 1.0, atol=1e-3)
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 8)) * jnp.arange(1, 4)[:, None, None, None]
+    out, _ = jax.jit(GroupNorm().init_with_output)(jax.random.key(1), x)
+    # Each example is normalised with its own statistics: zero mean / unit variance per group.
+    per_group = np.asarray(out).reshape(3, 16, 8)  # 8 channels -> 8 groups of one channel
+    np.testing.assert_allclose(per_group.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(per_group.var(axis=1), 1.0, atol=1e-3)
 
 
 def test_timestep_embedding_shape_and_values():
-  t = jnp.array([0, 1, 999])
-  emb = timestep_embedding(t, 16)
-  assert emb.shape == (3, 16) and emb.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(emb[0]), np.r_[np.ones(8), np.zeros(8)], atol=1e-7)
-  assert timestep_embedding(jnp.array([0.5, 2.25]), 7).shape == (2, 7)  # odd width, real t
-  # Distinct timesteps get distinct embeddings.
-  assert float(jnp.min(jnp.linalg.norm(emb[:, None] - emb[None], axis=-1)
-                       + 10 * jnp.eye(3))) > 0.1
-  with pytest.raises(ValueError):
-    timestep_embedding(jnp.zeros((2, 2)), 8)
+    t = jnp.array([0, 1, 999])
+    emb = timestep_embedding(t, 16)
+    assert emb.shape == (3, 16) and emb.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(emb[0]), np.r_[np.ones(8), np.zeros(8)], atol=1e-7)
+    assert timestep_embedding(jnp.array([0.5, 2.25]), 7).shape == (2, 7)  # odd width, real t
+    # Distinct timesteps get distinct embeddings.
+    assert (
+        float(jnp.min(jnp.linalg.norm(emb[:, None] - emb[None], axis=-1) + 10 * jnp.eye(3))) > 0.1
+    )
+    with pytest.raises(ValueError):
+        timestep_embedding(jnp.zeros((2, 2)), 8)
 
 
-@pytest.mark.parametrize("module,expected", [
-    (Downsample(use_conv=True), (2, 3, 3, 4)),
-    (Downsample(use_conv=False), (2, 3, 3, 4)),
-    (Upsample(use_conv=True), (2, 12, 12, 4)),
-    (Upsample(use_conv=False), (2, 12, 12, 4)),
-])
+@pytest.mark.parametrize(
+    "module,expected",
+    [
+        (Downsample(use_conv=True), (2, 3, 3, 4)),
+        (Downsample(use_conv=False), (2, 3, 3, 4)),
+        (Upsample(use_conv=True), (2, 12, 12, 4)),
+        (Upsample(use_conv=False), (2, 12, 12, 4)),
+    ],
+)
 def test_resampling_shapes(module, expected):
-  x = jnp.ones((2, 6, 6, 4))
-  out = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), x)[0])
-  assert out.shape == expected
+    x = jnp.ones((2, 6, 6, 4))
+    out = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), x)[0])
+    assert out.shape == expected
 
 
 @pytest.mark.parametrize("up,down,size", [(False, False, 6), (True, False, 12), (False, True, 3)])
 def test_resblock_shapes(up, down, size):
-  x, emb = jnp.ones((2, 6, 6, 4)), jnp.ones((2, 16))
-  block = ResBlock(out_channels=8, dropout=0.1, up=up, down=down)
-  out = jax.eval_shape(
-      lambda: block.init_with_output(jax.random.key(0), x, emb, train=False)[0])
-  assert out.shape == (2, size, size, 8)
+    x, emb = jnp.ones((2, 6, 6, 4)), jnp.ones((2, 16))
+    block = ResBlock(out_channels=8, dropout=0.1, up=up, down=down)
+    out = jax.eval_shape(lambda: block.init_with_output(jax.random.key(0), x, emb, train=False)[0])
+    assert out.shape == (2, size, size, 8)
 
 
 def test_attention_heads_must_divide_channels():
-  x = jnp.ones((2, 4, 4, 8))
-  with pytest.raises(ValueError, match="does not divide"):
-    jax.eval_shape(lambda: AttentionBlock(num_heads=3).init(jax.random.key(1), x))
+    x = jnp.ones((2, 4, 4, 8))
+    with pytest.raises(ValueError, match="does not divide"):
+        jax.eval_shape(lambda: AttentionBlock(num_heads=3).init(jax.random.key(1), x))
