@@ -1,0 +1,157 @@
+"""benchmarks/dp_step.py and benchmarks/gpu_check.{sh,py}: they run, and report what they claim.
+
+No timing is asserted anywhere (the machine is shared); only structure and invariants.
+The GPU check's smoke mode runs in a subprocess through gpu_check.sh, exactly as on the GPU
+machine, with JAX on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dp_step():
+    return _load("dp_step")
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_gpu_check_smoke_passes_invariants_and_reports(tmp_path):
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"],
+                          cwd=tmp_path, env=_env(OUT=str(tmp_path)), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result  # the final JSON line
+
+    assert result["mode"] == "smoke" and result["environment"]["backend"] == "cpu"
+    checks = {c["name"]: c for c in result["invariants"]}
+    assert {"sigma0_Cinf_equals_mean_grad", "clipped_norm_le_C", "unclipped_passed_through",
+            "padding_contributes_zero", "nonfinite_example_zeroed", "noise_std",
+            "noise_reproducible", "noise_fresh_each_step", "no_tensorflow_imported"} <= set(checks)
+    assert all(c["passed"] for c in checks.values()), checks
+    assert result["invariants_passed"] and not result["errors"] and not result["skipped"]
+
+    assert [s["nonprivate"]["chunks"] for s in result["steps"]] == [1, 2]
+    for step in result["steps"]:
+        for row in [step["nonprivate"]] + step["dp"]:
+            assert row["median_s"] > 0 and len(row["times"]) >= 1
+            assert row["batch"] == row["chunks"] * 4
+        for row in step["dp"]:
+            assert math.isclose(row["ratio"], row["median_s"] / step["nonprivate"]["median_s"])
+    # The second (2-chunk) item reuses the first item's compiled programs.
+    assert result["steps"][1]["dp"][0]["compile_s"] == 0.0
+    (sample,) = result["sampling"]
+    assert sample["dtype"] == "bfloat16" and sample["finite"] and sample["images_per_s"] > 0
+    accounting = result["accounting"]
+    assert accounting["pld_le_rdp"] and 0 < accounting["epsilon_pld"] < math.inf
+
+
+def test_gpu_check_runs_without_dp_accounting():
+    """On a machine without dp_accounting the check still imports jaxdpdm.dp and skips only
+    its accounting section (imports only: nothing is compiled)."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["dp_accounting"] = None  # `import dp_accounting` now fails
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from benchmarks import gpu_check
+        import jaxdpdm.parallel, jaxdpdm.sampling
+        assert not gpu_check.ACCOUNTING_AVAILABLE
+        assert "skipped" in gpu_check.check_accounting(gpu_check.SMOKE)
+        try:
+            jaxdpdm.dp.accounting.epsilon(noise_multiplier=1.0, sampling_rate=0.1, steps=1,
+                                          delta=1e-5)
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise AssertionError("the stand-in accounting must refuse to compute")
+        assert "tensorflow" not in sys.modules
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_nonprivate_accumulate_is_the_summed_gradient_at_any_microbatch(dp_step):
+    """The baseline's microbatched scan returns the gradient of the summed per-example loss."""
+    def loss_fn(params, example, rng):
+        noise = jax.random.normal(rng, ())
+        return jnp.sum((params["w"] * example["image"] - noise) ** 2) * (1 + example["label"])
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 3)).astype(np.float32),
+             "label": np.arange(8, dtype=np.int32) % 3, "index": np.arange(8, dtype=np.int32)}
+    params = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    key = jax.random.key(1)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
+    expected = jax.grad(lambda p: jnp.sum(jax.vmap(loss_fn, (None, 0, 0))(p, batch, keys)))(params)
+    for micro in (2, 8):
+        got = dp_step.make_nonprivate_accumulate(loss_fn, microbatch_size=micro)(params, batch, key)
+        np.testing.assert_allclose(got["w"], expected["w"], rtol=1e-5)
+        assert got["w"].dtype == jnp.float32
+
+
+def test_dp_step_arguments_are_checked(dp_step):
+    args = dp_step.parse_args(["--preset=tiny", "--batch=16", "--microbatch=4,8"])
+    assert args.microbatch == [4, 8] and args.nonprivate_microbatch == 8
+    for bad in (["--batch=10", "--microbatch=4"], ["--microbatch=0"], ["--microbatch=a"],
+                ["--dtype=float16"], ["--preset=huge"], ["--repeats=0"]):
+        with pytest.raises(SystemExit):
+            dp_step.parse_args(bad)
+    with pytest.raises(ValueError, match="dtype"):
+        dp_step.model_config("tiny", None, "float16")
+    assert dp_step.model_config("cpu_small", 16, "bfloat16").image_size == 16
+
+
+def test_dp_step_main_prints_a_table_and_one_json_line(dp_step, monkeypatch, capsys, tmp_path):
+    """The command line around `compare` (measuring itself runs in the smoke test above)."""
+    row = {"kind": "nonprivate", "dtype": "float32", "batch": 16, "chunks": 1, "microbatch": 8,
+           "augmult": 2, "compile_s": 1.0, "warmup_s": 0.5, "median_s": 0.2, "times": [0.2],
+           "xla_mib": 3.0, "peak_mib": None, "ms_per_example": 12.5}
+    canned = {"nonprivate": row,
+              "dp": [{**row, "kind": "dp", "median_s": 0.6, "ratio": 3.0, "ms_per_example": 37.5,
+                      "extra_ms_per_example": 25.0}]}
+
+    class FakeBench:
+        def __init__(self, config, *, augmult, chunk_rows):
+            self.num_params = 123
+
+    monkeypatch.setattr(dp_step, "Bench", FakeBench)
+    monkeypatch.setattr(dp_step, "compare", lambda bench, micro, **kw: canned)
+    out_file = tmp_path / "r.json"
+    result = dp_step.main(["--preset=tiny", "--batch=16", "--microbatch=8", "--augmult=2",
+                           f"--json-out={out_file}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("dp ") and "3.00" in line for line in lines)
+    assert json.loads(lines[-1]) == json.loads(out_file.read_text()) == json.loads(
+        json.dumps(result, sort_keys=True))
+    assert result["num_params"] == 123 and result["environment"]["jax"] == jax.__version__
