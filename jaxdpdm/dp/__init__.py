@@ -7,9 +7,9 @@
 * `accounting`: epsilon, noise calibration, and a budget-enforcing, serialisable ledger.
 """
 
-from jaxdpdm.dp import accounting, batching
-from jaxdpdm.dp.accounting import (BudgetExceededError, PrivacyLedger, calibrate_noise_multiplier,
-                                   epsilon)
+import importlib
+
+from jaxdpdm.dp import batching
 from jaxdpdm.dp.batching import (host_slice, physical_batch_size, poisson_sample, shuffled_batch,
                                  split_into_chunks)
 from jaxdpdm.dp.clipping import ClipStats, clipped_grad_sum, per_example_keys, trainable_mask
@@ -21,3 +21,14 @@ __all__ = [
     "host_slice", "noise_key", "per_example_keys", "physical_batch_size", "poisson_sample",
     "shuffled_batch", "split_into_chunks", "trainable_mask",
 ]
+
+_ACCOUNTING = ("BudgetExceededError", "PrivacyLedger", "calibrate_noise_multiplier", "epsilon")
+
+
+def __getattr__(name):
+    # dp_accounting loads on first use, so clipping, noise and jaxdpdm.parallel also run where it
+    # is not installed (e.g. a bare GPU box checking the DP step).
+    if name == "accounting" or name in _ACCOUNTING:
+        accounting = importlib.import_module("jaxdpdm.dp.accounting")
+        return accounting if name == "accounting" else getattr(accounting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

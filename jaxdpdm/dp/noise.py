@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdpdm.dp.clipping import trainable_mask
@@ -103,11 +104,18 @@ def dp_aggregate(*, clip_norm: float, noise_multiplier: float, expected_batch_si
         # of other groups: keep them as opaque leaves so a full-structure mask still lines up.
         leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked_node)
         flags = treedef.flatten_up_to(trainable_mask(updates, trainable, is_leaf=_is_masked_node))
-        # One independent key per leaf (by position over ALL leaves, so freezing a leaf does not
-        # change the noise drawn for the others).
-        leaf_keys = jax.random.split(noise_key(seed, state.count), max(len(leaves), 1))
+        # ONE draw of i.i.d. N(0, 1) for all coordinates, each leaf taking the slice at its
+        # position over ALL leaves (so freezing a leaf does not change the others' noise). One
+        # draw, not one per leaf: per-leaf draws compiled ~8x slower (57 s vs 7.5 s for a UNet
+        # of 129 leaves on XLA:CPU) for the same distribution.
+        sizes = [0 if _is_masked_node(leaf) else int(np.size(leaf)) for leaf in leaves]
+        offsets = np.cumsum([0] + sizes)
+        noise = None
+        if noise_std > 0 and any(f and size for f, size in zip(flags, sizes)):
+            noise = jax.random.normal(noise_key(seed, state.count), (int(offsets[-1]),),
+                                      jnp.float32)
         out = []
-        for leaf, key, is_trainable in zip(leaves, leaf_keys, flags):
+        for leaf, start, is_trainable in zip(leaves, offsets[:-1], flags):
             if _is_masked_node(leaf):
                 out.append(leaf)
                 continue
@@ -115,8 +123,9 @@ def dp_aggregate(*, clip_norm: float, noise_multiplier: float, expected_batch_si
             if not is_trainable:
                 out.append(jnp.zeros_like(leaf))
                 continue
-            if noise_std > 0:
-                leaf = leaf + noise_std * jax.random.normal(key, leaf.shape, jnp.float32)
+            if noise is not None:
+                piece = jax.lax.dynamic_slice_in_dim(noise, int(start), leaf.size)
+                leaf = leaf + noise_std * piece.reshape(leaf.shape)
             out.append(leaf / expected_batch_size)
         return treedef.unflatten(out), DPAggregateState(count=optax.safe_increment(state.count))
 
