@@ -1,12 +1,14 @@
 """The embedded default: DP training (epsilon = 10) on scikit-learn's digits at 16x16.
 
-Needs no download and finishes within about 10 minutes on a 2-core CPU, leaving behind a sample
-grid (`grid_final.png`, one row per digit) and the privacy report. It trains from scratch on
-1,437 images, so expect blurry digit shapes rather than clean digits: the paper's recipe gets its
-quality from pretraining on public data first (see configs/fashion_mnist_*.py and the README).
+Needs no download and takes about 5 minutes on a 2-core CPU (measured: benchmarks/RESULTS.md),
+leaving behind a sample grid (`grid_final.png`, one row per digit) and the privacy report. It
+trains from scratch on 1,442 images for 100 steps, which is not enough for clean digits: the
+paper's recipe gets its quality from pretraining on public data first (see the README's
+two-phase recipe and configs/fashion_mnist_*.py).
 
 Variants: `--config=configs/quickstart.py` (the default) and `--config=configs/quickstart.py:tiny`,
-a few-second version for tests (8x8 images, a ~10k-parameter UNet, 3 steps).
+a version for tests that takes about a minute (8x8 images, a 49k-parameter UNet, 3 steps, a
+fixed seed).
 """
 
 from jaxdpdm.config import get_config as base_config
