@@ -17,8 +17,8 @@ Sections, in order of importance (the full run skips what would start after --bu
 3. Sampling throughput: DDIM, 100 steps, images/s.
 4. Accounting (CPU): epsilon for an illustrative CIFAR-10-sized run, only if `dp_accounting`
    can be imported (gpu_check.sh installs it from carried wheels in .whl/ if present; nothing is
-   ever fetched from a network). Without it, the rest still runs: jaxdpdm.dp imports its
-   accounting module eagerly, so a stand-in is registered that fails if it is ever called.
+   ever fetched from a network). Without it, the rest still runs: jaxdpdm.dp loads its
+   accounting module (and dp_accounting) only on first use.
 
 Prints compact tables and a final JSON line; writes the JSON to --out, default $OUT/gpu_check.json
 when $OUT is set (after every section, so a run cut short keeps what it measured).
@@ -35,7 +35,6 @@ import math
 import os
 import sys
 import time
-import types
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -56,35 +55,18 @@ def _prepare_environment(argv: list[str]) -> None:
         sys.modules["dp_accounting"] = None  # makes `import dp_accounting` fail, as on the GPU box
 
 
-def _import_dp_package() -> bool:
-    """Imports jaxdpdm.dp; returns whether its accounting (dp_accounting) is usable.
-
-    jaxdpdm/dp/__init__.py imports `accounting`, which imports dp_accounting at module level. Where
-    that package is missing, a stand-in module whose functions raise is registered so that the
-    clipping and noise code (which does not need it) still imports.
-    """
+def _accounting_available() -> bool:
+    """Whether dp_accounting imports here (jaxdpdm.dp loads it only on first use)."""
     try:
-        import jaxdpdm.dp  # noqa: F401
-        return True
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith("dp_accounting"):
-            raise
-
-    def unavailable(*args, **kwargs):
-        raise ModuleNotFoundError("dp_accounting is not installed on this machine")
-
-    stand_in = types.ModuleType("jaxdpdm.dp.accounting", "Stand-in: dp_accounting is missing.")
-    stand_in.BudgetExceededError = type("BudgetExceededError", (RuntimeError,), {})
-    for name in ("PrivacyLedger", "calibrate_noise_multiplier", "epsilon"):
-        setattr(stand_in, name, unavailable)
-    sys.modules["jaxdpdm.dp.accounting"] = stand_in
-    import jaxdpdm.dp  # noqa: F401
-    return False
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
     _prepare_environment(sys.argv[1:])
-ACCOUNTING_AVAILABLE = _import_dp_package()
+ACCOUNTING_AVAILABLE = _accounting_available()
 
 # Imported after the environment is prepared (XLA flags are read when jax initialises).
 import jax  # noqa: E402

@@ -89,10 +89,10 @@ def test_gpu_check_runs_without_dp_accounting():
         try:
             jaxdpdm.dp.accounting.epsilon(noise_multiplier=1.0, sampling_rate=0.1, steps=1,
                                           delta=1e-5)
-        except ModuleNotFoundError:
+        except ImportError:
             pass
         else:
-            raise AssertionError("the stand-in accounting must refuse to compute")
+            raise AssertionError("accounting must not work without dp_accounting")
         assert "tensorflow" not in sys.modules
         print("ok")
     """)
