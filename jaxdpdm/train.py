@@ -17,11 +17,12 @@ resumed run replays exactly the releases an uninterrupted run makes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import secrets
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -205,8 +206,12 @@ class Trainer:
     def _local_mask(self, mask: np.ndarray) -> np.ndarray:
         return batching.host_slice(mask, jax.process_index(), jax.process_count())
 
-    def train_step(self) -> dict[str, float]:
-        """Runs step `self.step` and returns its (host) metrics."""
+    def train_step(self) -> Callable[[], dict[str, float]]:
+        """Runs step `self.step`; returns a function that fetches the step's metrics.
+
+        The metrics are fetched only when they are logged: reading them waits for the device,
+        which would otherwise stall the dispatch of the next step on an accelerator.
+        """
         c, s = self.config, self.state
         key = self.exp.example_key(self.step)
         n = len(self.exp.dataset)
@@ -216,12 +221,13 @@ class Trainer:
             host_chunks = batching.split_into_chunks(selected, self.plan.chunk_size)
             chunks = [(self._local_batch(idx), self._local_mask(m)) for idx, m in host_chunks]
             params, opt_state, stats = self.step_fn(s["params"], s["opt_state"], chunks, key)
-            metrics = _clip_metrics(stats, np.concatenate([m for _, m in host_chunks]))
+            real_rows = np.concatenate([m for _, m in host_chunks])
+            metrics = functools.partial(_clip_metrics, stats, real_rows)
         else:
             idx = batching.shuffled_batch(n, c.train.batch_size, seed=c.seed, step=self.step)
             params, opt_state, m = self.step_fn(s["params"], s["opt_state"],
                                                 self._local_batch(idx), key)
-            metrics = {k: float(v) for k, v in m.items()}
+            metrics = functools.partial(lambda m: {k: float(v) for k, v in m.items()}, m)
         ema = _ema_update(s["ema_params"], params, c.train.ema_decay)
         new_state = {"step": jnp.asarray(self.step + 1, jnp.int32), "params": params,
                      "ema_params": ema, "opt_state": opt_state}
@@ -257,8 +263,9 @@ class Trainer:
                     stopped_by_budget = True
                     log.warning("privacy budget reached: stopping before step %d", self.step)
                     break
-                metrics = self.train_step()
+                fetch_metrics = self.train_step()
                 if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
+                    metrics = fetch_metrics()
                     if self.dp:  # a PLD evaluation: once per log line, not once per step
                         metrics["epsilon"] = self.ledger.spent_epsilon()
                     logger.write(self.step, metrics)
