@@ -31,17 +31,15 @@ Where the values come from (Ghalebikesabi et al., 2023, arXiv 2302.13861):
   0.995 keeps 0.7% of them, 0.999 would keep 37%); DDPM ancestral sampling with 1000 steps for
   the 50,000 evaluation samples; WRN-16-4 as the downstream classifier.
 
-Compute and memory (estimates, not measurements on an accelerator): one training draw of the
-89M UNet costs about 3 x 26 GFLOP (XLA cost analysis of the forward pass); a step processes a
-padded chunk of 4416 rows (the 1 - 1e-6 quantile of the Poisson draw) x 32 draws, about
-1.1e16 FLOP, so 1000 steps are about 1.1e19 FLOP (about 3 hours at a sustained 1e15 FLOP/s).
-Peak memory per device is set by `microbatch_size` (m), not by the batch size: m float32
+Compute and memory. Measured on one NVIDIA H200 (benchmarks/RESULTS.md section 3, bfloat16,
+this K and microbatch): 10.8 ms per example for the DP step, so 1000 steps x 4096 examples are
+about 12.3 H200-hours (about 230 TFLOP/s sustained at 3 x 26 GFLOP per draw, XLA's cost
+analysis of the forward pass); XLA footprint 11.1 GiB and allocator peak 12.7 GiB per device at
+m = 8, K = 32. Peak memory is set by `microbatch_size` (m), not by the batch size: m float32
 per-example gradients (89M x 4 bytes = 0.36 GB each) plus the activations of m x K images in
-flight. XLA:CPU's buffer assignment for this step (bfloat16, compiled at (m, K) = (1, 2) and
-(2, 8)) implies about 0.1 GB per image in flight, i.e. about 29 GB at m = 8, K = 32 (the
-setting here: fits 40 GB+ devices), 15 GB at m = 4 (16-32 GB devices) and 57 GB at m = 16
-(80 GB+ devices). Accelerator compilers assign buffers differently: check on the device with
-a few steps (`--config.train.num_steps=3`) before a long run.
+flight; XLA:CPU's buffer assignment had suggested about 29 GB at m = 8, so the GPU needs less
+than half of that. Other accelerators assign buffers differently: check on the device with a
+few steps (`--config.train.num_steps=3`) before a long run.
 """
 
 import pathlib

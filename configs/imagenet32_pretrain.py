@@ -32,8 +32,10 @@ microbatching (`microbatch_size` only applies to DP runs): 128 examples per devi
 accelerators, i.e. roughly 13 GB of activations (XLA:CPU's buffer assignment for this UNet in
 bfloat16 implies about 0.1 GB per image in flight; see configs/cifar10_eps10.py). One forward
 pass of this UNet costs about 26 GFLOP per 32x32 image (XLA cost analysis), a training example
-about three times that, so 250k steps x 1024 examples are about 2e19 FLOP: about 5.6 hours at a
-sustained 1e15 FLOP/s. Shorten with `--config.train.num_steps`.
+about three times that, so 250k steps x 1024 examples are about 2e19 FLOP. On one NVIDIA H200
+a non-private training draw measured 0.24 ms in bfloat16 (benchmarks/RESULTS.md section 3), so
+the run is about 17 H200-hours (an estimate from that per-draw cost). Shorten with
+`--config.train.num_steps`.
 """
 
 from jaxdpdm.config import get_config as base_config
