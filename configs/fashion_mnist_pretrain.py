@@ -28,9 +28,9 @@ experiment): native 28x28 (comparable with DPDM's numbers; levels 28, 14, 7), ba
 channel_mult (1, 2, 2), 1 residual block per level, attention at 7x7: 300,641 parameters.
 Pretraining: 2000 steps of 64 examples (21 epochs of the public part), K = 1, uniform
 timesteps, Adam 1e-3, EMA 0.995 (0.999 would still hold 13% of the random initialisation after
-2000 steps). Measured cost on the shared 2-core development machine (load average 6-9, i.e.
-other jobs held most of the CPU): 16-20 ms per example for a non-private gradient, so about
-35-45 minutes there; expect roughly half on an idle 2-core machine.
+2000 steps). Measured on the 2-core development machine (load average about 1.5, 2026-11-28):
+2.5-2.7 steps/s, 13 min 15 s for the whole run including compilation and the sample grids
+(benchmarks/RESULTS.md section 6).
 
 Variant `:smoke` shrinks everything (12x12 images, a tiny UNet, 256 examples, 2 steps) for
 end-to-end tests of the two-phase chain in seconds.
