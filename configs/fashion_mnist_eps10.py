@@ -39,7 +39,7 @@ examples) in chunks of `microbatch_size` = 32 rows, one compiled call each, only
 padded; peak memory is set by the 32-row microbatch (about 1 GB). Sampling 6,000 images with 50
 DDIM steps took 10 minutes, and `--mode=evaluate` (the downstream CNN on them) 2 minutes; the
 real-data reference classifier (`--config.eval.train_real_reference=True`) trains on all 54,000
-private images and costs about 9 times as much.
+private images and took 17 minutes more (91.21% test accuracy).
 
 Variant `:smoke` (with configs/fashion_mnist_pretrain.py:smoke in
 `runs/fashion_mnist_pretrain_smoke`): the whole chain in seconds, for tests.
