@@ -24,7 +24,7 @@ model under this fine-tuning loss, on 256 public images, were 0.10 / 0.21 / 0.36
 90th percentile). C = 0.2 clips about half of them and makes the noise (sigma * C) five times
 smaller than the common default C = 1, under which almost nothing is clipped and the noise is
 pure loss. Choosing C by looking at private gradients would itself leak information that the
-accountant does not count.
+accountant does not count (benchmarks/RESULTS.md section 6 tells how this value was reached).
 
 The paper's fine-tuning techniques, at CPU scale (all numbers are our choices): augmentation
 multiplicity K = 2 and the fine-tuning timestep mixture of configs/cifar10_eps10.py
@@ -38,8 +38,8 @@ benchmarks/RESULTS.md section 6): 0.15 steps/s, i.e. about 25 ms per example wit
 examples) in chunks of `microbatch_size` = 32 rows, one compiled call each, only the last one
 padded; peak memory is set by the 32-row microbatch (about 1 GB). Sampling 6,000 images with 50
 DDIM steps took 10 minutes, and `--mode=evaluate` (the downstream CNN on them) 2 minutes; the
-real-data reference classifier (`--config.eval.train_real_reference=True`) trains on all 54,000
-private images and took 17 minutes more (91.21% test accuracy).
+real-data reference classifier (`--config.eval.train_real_reference=True`) trains on 48,600 of
+the private images (5,400 pick its epoch) and took 17 minutes more (91.21% test accuracy).
 
 Variant `:smoke` (with configs/fashion_mnist_pretrain.py:smoke in
 `runs/fashion_mnist_pretrain_smoke`): the whole chain in seconds, for tests.
