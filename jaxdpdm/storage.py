@@ -39,6 +39,11 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
+def rename(source: str, target: str) -> None:
+    """Renames a file or folder (on an object store: a copy then a delete, not atomic)."""
+    epath.Path(source).rename(target)
+
+
 def ensure_writable_dir(path: str) -> str:
     """Creates `path` if needed and proves it writable; returns its normalized form.
 

@@ -16,12 +16,16 @@ resumed run replays exactly the releases an uninterrupted run makes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import os
 import secrets
 import signal
+import time
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -35,9 +39,12 @@ from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, checkpoint_d
                                 has_checkpoint, load_init_params)
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
-from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
-from jaxdpdm.experiment import build_experiment, count_params
+from jaxdpdm.evaluation.report import (archive_earlier_reports, privacy_report, release_traces,
+                                       write_privacy_report)
+from jaxdpdm.experiment import (build_experiment, count_params, dataset_fingerprint,
+                                fingerprint_mismatch)
 from jaxdpdm.monitoring import GridWriter, MetricsLogger
+from jaxdpdm.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,9 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
             raise ValueError(f"dp.noise_multiplier={p.noise_multiplier} differs from the "
                              f"checkpoint's {stored_sigma}; use a new workdir")
         sigma, calibrated = stored_sigma, p.noise_multiplier is None
+        if not sigma > 0:  # written by a version that accepted sigma = 0: nothing was private
+            raise ValueError(f"the checkpoint's noise multiplier is {sigma}: that run added no "
+                             "noise, so it cannot be resumed as a DP run (use a new workdir)")
     elif p.noise_multiplier is not None:
         sigma, calibrated = float(p.noise_multiplier), False
     else:
@@ -102,23 +112,64 @@ def _ema_update(ema, params, decay):
 class Trainer:
     """Holds the compiled step functions and the mutable state of one training run."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, allow_restart_spent_workdir: bool = False):
+        """Checks config, workdir and data, restores the newest good checkpoint, compiles.
+
+        Args:
+          allow_restart_spent_workdir: start a DP run over in a workdir that holds traces of an
+            earlier DP run (its privacy report, grids, samples) but no checkpoint to resume. The
+            earlier report is kept as `privacy_report.earlier-<n>.json` and the new report lists
+            it. Without it such a workdir is refused.
+        """
         # Everything that can be wrong with the config, the data or the workdir is checked here,
         # before the first compilation, so a mistake costs seconds, not a compile.
         validate_config(config)
         self.workdir = storage.ensure_writable_dir(workdir)
+        # One process per workdir (the lead process holds it for a multi-host job); released
+        # when `run` ends, when this constructor fails, or at the latest when the trainer is
+        # collected or the interpreter exits.
+        self._lock = None
+        if jax.process_index() == 0:
+            self._lock = WorkdirLock(self.workdir).acquire()
+            weakref.finalize(self, self._lock.release)
+            _test_pause("locked")
+        try:
+            self._setup(config, allow_restart_spent_workdir)
+        except BaseException:
+            self.release_workdir()
+            raise
+
+    def release_workdir(self) -> None:
+        """Releases the workdir lock (idempotent); `run` does it when it returns or fails."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, config, allow_restart: bool):
         self.store = CheckpointStore(storage.join(self.workdir, CHECKPOINT_SUBDIR),
                                      keep=config.train.keep_checkpoints)
-        latest = self.store.latest_step()
-        meta = self.store.restore_meta(latest) if latest is not None else {}
+        latest, meta = self.store.newest_restorable(_meta_problem)
         if meta and meta.get("phase") != config.phase:
             raise ValueError(f"{self.workdir} holds a {meta.get('phase')!r} run, this config is "
                              f"phase {config.phase!r}: use a new workdir (and init_from)")
+        restart_traces = []
         if not meta:
             _check_init_from(config)
+            if config.phase == "dp":
+                restart_traces = _refuse_spent_workdir(self.workdir, allow_restart)
+        # Whether the seed (hence the noise) is known to whoever has the config; None: an old
+        # checkpoint that did not record it.
+        self.seed_fixed = meta.get("seed_fixed") if meta else config.seed is not None
         self.config = config = _with_seed(config, meta.get("seed"))
         self.exp = build_experiment(config)
         self.dp = config.phase == "dp"
+        if self.dp and self.seed_fixed:
+            log.warning("*** DP run with a FIXED seed (seed=%d from the config): the DP noise "
+                        "and batches are reproducible by anyone who has the config, and the "
+                        "guarantee does not hold against them. Unset it (--config.seed=None) "
+                        "for private data. The privacy report records this. ***", config.seed)
+        self.fingerprint = dataset_fingerprint(config, self.exp.dataset)
+        if meta:
+            _check_same_data(meta, self.fingerprint)
         self.mesh = parallel.make_data_mesh()
         self.num_devices = self.mesh.devices.size
         self.is_lead = jax.process_index() == 0
@@ -138,6 +189,9 @@ class Trainer:
         self._build_step()
         self._grid_writer = None
         self._init_state(latest)
+        # Every check has passed: only now is an earlier run's report moved aside.
+        self.earlier_releases = (archive_earlier_reports(self.workdir, restart_traces)
+                                 if restart_traces else [])
 
     def _check_batch_size(self):
         batch, n = self.config.train.batch_size, len(self.exp.dataset)
@@ -176,7 +230,7 @@ class Trainer:
                  "opt_state": self.optimizer.init(params)}
         state = parallel.replicate(state, self.mesh)
         if latest is not None:
-            state, _ = self.store.restore(state, latest)
+            state, _ = self.store.restore(state, latest)  # proven restorable above
             log.info("resumed from %s at step %d", self.store.directory, latest)
         self.state = state
         self.step = int(state["step"])
@@ -186,15 +240,26 @@ class Trainer:
         meta = {"config": self.config.to_json(), "phase": self.config.phase,
                 "seed": self.config.seed, "num_classes": self.exp.dataset.num_classes,
                 "unet": _jsonable(dataclasses.asdict(self.exp.unet_config)),
-                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset)}
+                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset),
+                "dataset_fingerprint": self.fingerprint, "seed_fixed": self.seed_fixed}
         if self.dp:
             meta["ledger"] = self.ledger.to_dict()
             meta["noise_multiplier"] = self.plan.noise_multiplier
         return meta
 
     def save(self):
-        self.store.save(self.step, self.state, self._meta())
-        self._saved_step = self.step
+        """Checkpoints the current step (once: a step already saved is not written again).
+
+        SIGINT and SIGTERM arriving during the write are held until it has finished, then
+        delivered to their handlers: an interrupt never leaves a half-written checkpoint behind
+        or starts a second write of the same step.
+        """
+        if self._saved_step == self.step:
+            return
+        with _signals_deferred():
+            _test_pause("checkpoint_write", self.step)
+            self.store.save(self.step, self.state, self._meta())
+            self._saved_step = self.step
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -246,24 +311,37 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Trains to `train.num_steps` (or to the privacy budget), then writes grid and report."""
+        """Trains to `train.num_steps` (or to the privacy budget), then writes grid and report.
+
+        The workdir lock is released when this returns or raises.
+        """
+        try:
+            stopped_by_budget = self._train_loop()
+            self.save()
+            self.write_grid("grid_final.png")
+            return self.finish(stopped_by_budget)
+        finally:
+            self.release_workdir()
+
+    def _train_loop(self) -> bool:
+        """Runs the steps; returns whether the privacy budget stopped them."""
         c = self.config
         logger = MetricsLogger(self.workdir, c.train.num_steps, enabled=self.is_lead)
         self._log_start()
-        stopped_by_budget = False
         preempted = _SignalFlag(signal.SIGTERM)
         try:
             while self.step < c.train.num_steps:
                 if preempted.raised:
-                    # A preemption notice (SIGTERM): save and leave; rerunning resumes here.
-                    log.warning("SIGTERM at step %d: saving a checkpoint and exiting", self.step)
+                    # A preemption notice (SIGTERM): save (unless this step is saved already)
+                    # and leave with the conventional 128 + 15; rerunning resumes here.
+                    log.warning("SIGTERM at step %d: checkpointing and exiting", self.step)
                     self.save()
                     raise SystemExit(143)
                 if not self.budget_allows_step():
-                    stopped_by_budget = True
                     log.warning("privacy budget reached: stopping before step %d", self.step)
-                    break
+                    return True
                 fetch_metrics = self.train_step()
+                _test_pause("step_done", self.step)
                 if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
                     metrics = fetch_metrics()
                     if self.dp:  # a PLD evaluation: once per log line, not once per step
@@ -283,10 +361,7 @@ class Trainer:
         finally:
             preempted.restore()
             logger.close()
-        if self._saved_step != self.step:
-            self.save()
-        self.write_grid("grid_final.png")
-        return self.finish(stopped_by_budget)
+        return False
 
     def finish(self, stopped_by_budget: bool) -> dict[str, Any]:
         report = None
@@ -296,7 +371,8 @@ class Trainer:
                 num_params=count_params(self.state["params"]),
                 num_trainable=count_params(_masked_leaves(self.state["params"], self.mask)),
                 dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
-                calibrated=self.plan.calibrated)
+                calibrated=self.plan.calibrated, seed_fixed=self.seed_fixed,
+                earlier_releases=self.earlier_releases)
             if self.is_lead:
                 write_privacy_report(self.workdir, report)
         self.store.close()
@@ -366,6 +442,93 @@ def _resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:
                              f"{saved!r}; a run's privacy target cannot change on resume (use "
                              "a new workdir)")
     return ledger
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """Why a checkpoint's metadata cannot resume a run (None when it can)."""
+    needed = ["phase", "seed", "config"] + (["ledger", "noise_multiplier"]
+                                            if meta.get("phase") == "dp" else [])
+    missing = [key for key in needed if key not in meta]
+    return f"its metadata lacks {', '.join(missing)}" if missing else None
+
+
+def _refuse_spent_workdir(workdir: str, allow_restart: bool) -> list[str]:
+    """Refuses a fresh DP start in a workdir that an earlier DP run has released from, unless
+    `allow_restart`; returns the traces of that run (empty for a clean workdir)."""
+    traces = release_traces(workdir)
+    if not traces:
+        return []
+    if not allow_restart:
+        raise ValueError(
+            f"workdir {workdir} holds traces of an earlier DP run ({', '.join(traces)}) but no "
+            "checkpoint to resume: starting over would train on the same data again with a new "
+            "seed and spend the budget a second time. Use a new workdir, or pass "
+            "--allow_restart_spent_workdir to start over here (the new privacy report then "
+            "states the earlier release)")
+    log.warning("starting over in %s although it holds traces of an earlier DP run (%s): the "
+                "new privacy report states the earlier release(s) and their composition",
+                workdir, ", ".join(traces))
+    return traces
+
+
+def _check_same_data(meta: dict, fingerprint: dict) -> None:
+    """Refuses to resume on other data than the checkpoint's ledger accounts for."""
+    saved = meta.get("dataset_fingerprint")
+    if saved is None:  # written before fingerprints were stored: size is all we can compare
+        if meta.get("num_examples") != fingerprint["num_examples"]:
+            raise ValueError(f"the training data have {fingerprint['num_examples']} examples, "
+                             f"the checkpoint's had {meta.get('num_examples')}: a run's data "
+                             "cannot change on resume (use a new workdir)")
+        log.warning("the checkpoint predates dataset fingerprints: only the number of examples "
+                    "(%d) was checked, not the content", fingerprint["num_examples"])
+        return
+    mismatch = fingerprint_mismatch(saved, fingerprint)
+    if mismatch:
+        raise ValueError(f"the training data differ from the checkpoint's ({mismatch}): a run's "
+                         "data cannot change on resume (use a new workdir)")
+
+
+@contextlib.contextmanager
+def _signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Holds `signums` while the body runs, then re-raises them for their own handlers.
+
+    In a thread other than the main one (where handlers cannot be set) it does nothing.
+    """
+    held, previous = [], {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda n, _: held.append(n))
+    except ValueError:
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
+# Test-only seam, for deterministic signal and concurrency tests: with
+# JAXDPDM_TEST_PAUSE_AT="point[@step],..." and JAXDPDM_TEST_PAUSE_DIR=<dir>, the trainer creates
+# `<dir>/<point>.reached` at each named point and waits there until `<dir>/<point>.go` exists.
+# Points: "locked" (workdir lock taken), "step_done" (after step `step`, before its
+# checkpoint), "checkpoint_write" (inside the save of step `step`). Unset: a no-op.
+_PAUSE_ENV, _PAUSE_DIR_ENV = "JAXDPDM_TEST_PAUSE_AT", "JAXDPDM_TEST_PAUSE_DIR"
+
+
+def _test_pause(point: str, step: int | None = None) -> None:
+    wanted = os.environ.get(_PAUSE_ENV)
+    if not wanted:
+        return
+    name = point if step is None else f"{point}@{step}"
+    if name not in wanted.split(","):
+        return
+    directory = os.environ[_PAUSE_DIR_ENV]
+    with open(os.path.join(directory, f"{point}.reached"), "w") as f:
+        f.write(str(os.getpid()))
+    while not os.path.exists(os.path.join(directory, f"{point}.go")):
+        time.sleep(0.01)
 
 
 class _SignalFlag:
@@ -442,6 +605,6 @@ def _with_seed(config, stored_seed: int | None):
     return config
 
 
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the final step and privacy report."""
-    return Trainer(config, workdir).run()
+    return Trainer(config, workdir, allow_restart_spent_workdir=allow_restart_spent_workdir).run()
