@@ -53,7 +53,8 @@ def ensure_writable_dir(path: str) -> str:
     path = normalize(path)
     try:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
-        probe = epath.Path(join(path, ".write_test"))
+        # Named per process: two starts probing at once must not remove each other's probe.
+        probe = epath.Path(join(path, f".write_test.{os.getpid()}"))
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
