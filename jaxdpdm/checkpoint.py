@@ -136,6 +136,8 @@ class CheckpointStore:
         fails (truncated or missing files, missing `meta`, ...) is skipped with a warning that
         names it and the reason; when an older one restores, the skipped ones are renamed
         `<step>.unrestorable` (never deleted), so the resumed run can write those steps again.
+        The price is one extra read of the chosen checkpoint at start-up (the trainer restores it
+        again into its sharded state).
 
         Returns:
           `(step, meta)`, or `(None, {})` when the folder holds no checkpoint.

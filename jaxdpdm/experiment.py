@@ -182,7 +182,7 @@ def dataset_fingerprint(config, dataset: ImageDataset) -> dict[str, Any]:
 
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Names the first field in which two fingerprints differ ("" keys in order), else None."""
+    """Names the first field in which two fingerprints differ (with both values), else None."""
     for key in current:
         if saved.get(key) != current[key]:
             return f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now"

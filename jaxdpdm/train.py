@@ -16,15 +16,10 @@ resumed run replays exactly the releases an uninterrupted run makes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
-import os
-import secrets
 import signal
-import time
 import weakref
 from typing import Any, Callable
 
@@ -32,18 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from jaxdpdm import parallel, storage
-from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, checkpoint_dir,
-                                has_checkpoint, load_init_params)
+from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore, load_init_params
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
-from jaxdpdm.evaluation.report import (archive_earlier_reports, privacy_report, release_traces,
+from jaxdpdm.evaluation.report import (archive_earlier_reports, privacy_report,
                                        write_privacy_report)
-from jaxdpdm.experiment import (build_experiment, count_params, dataset_fingerprint,
-                                fingerprint_mismatch)
+from jaxdpdm.experiment import build_experiment, count_params, dataset_fingerprint
+from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
 from jaxdpdm.monitoring import GridWriter, MetricsLogger
+from jaxdpdm.resume import (check_init_from, check_same_data, meta_problem, refuse_spent_workdir,
+                            resumed_ledger, with_seed)
 from jaxdpdm.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -132,7 +127,7 @@ class Trainer:
         if jax.process_index() == 0:
             self._lock = WorkdirLock(self.workdir).acquire()
             weakref.finalize(self, self._lock.release)
-            _test_pause("locked")
+            pause_for_tests("locked")
         try:
             self._setup(config, allow_restart_spent_workdir)
         except BaseException:
@@ -147,19 +142,19 @@ class Trainer:
     def _setup(self, config, allow_restart: bool):
         self.store = CheckpointStore(storage.join(self.workdir, CHECKPOINT_SUBDIR),
                                      keep=config.train.keep_checkpoints)
-        latest, meta = self.store.newest_restorable(_meta_problem)
+        latest, meta = self.store.newest_restorable(meta_problem)
         if meta and meta.get("phase") != config.phase:
             raise ValueError(f"{self.workdir} holds a {meta.get('phase')!r} run, this config is "
                              f"phase {config.phase!r}: use a new workdir (and init_from)")
         restart_traces = []
         if not meta:
-            _check_init_from(config)
+            check_init_from(config)
             if config.phase == "dp":
-                restart_traces = _refuse_spent_workdir(self.workdir, allow_restart)
+                restart_traces = refuse_spent_workdir(self.workdir, allow_restart)
         # Whether the seed (hence the noise) is known to whoever has the config; None: an old
         # checkpoint that did not record it.
         self.seed_fixed = meta.get("seed_fixed") if meta else config.seed is not None
-        self.config = config = _with_seed(config, meta.get("seed"))
+        self.config = config = with_seed(config, meta.get("seed"))
         self.exp = build_experiment(config)
         self.dp = config.phase == "dp"
         if self.dp and self.seed_fixed:
@@ -169,7 +164,7 @@ class Trainer:
                         "for private data. The privacy report records this. ***", config.seed)
         self.fingerprint = dataset_fingerprint(config, self.exp.dataset)
         if meta:
-            _check_same_data(meta, self.fingerprint)
+            check_same_data(meta, self.fingerprint)
         self.mesh = parallel.make_data_mesh()
         self.num_devices = self.mesh.devices.size
         self.is_lead = jax.process_index() == 0
@@ -180,7 +175,7 @@ class Trainer:
             self.mask = trainable_mask(jax.eval_shape(self.exp.init_params), config.dp.trainable)
         self.ledger = self.plan = None
         if self.dp:
-            self.ledger = (_resumed_ledger(meta["ledger"], config) if meta else
+            self.ledger = (resumed_ledger(meta["ledger"], config) if meta else
                            accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
                                                     accountant=config.dp.accountant,
                                                     num_examples=len(self.exp.dataset)))
@@ -256,8 +251,8 @@ class Trainer:
         """
         if self._saved_step == self.step:
             return
-        with _signals_deferred():
-            _test_pause("checkpoint_write", self.step)
+        with signals_deferred():
+            pause_for_tests("checkpoint_write", self.step)
             self.store.save(self.step, self.state, self._meta())
             self._saved_step = self.step
 
@@ -328,7 +323,7 @@ class Trainer:
         c = self.config
         logger = MetricsLogger(self.workdir, c.train.num_steps, enabled=self.is_lead)
         self._log_start()
-        preempted = _SignalFlag(signal.SIGTERM)
+        preempted = SignalFlag(signal.SIGTERM)
         try:
             while self.step < c.train.num_steps:
                 if preempted.raised:
@@ -341,7 +336,6 @@ class Trainer:
                     log.warning("privacy budget reached: stopping before step %d", self.step)
                     return True
                 fetch_metrics = self.train_step()
-                _test_pause("step_done", self.step)
                 if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
                     metrics = fetch_metrics()
                     if self.dp:  # a PLD evaluation: once per log line, not once per step
@@ -398,159 +392,6 @@ class Trainer:
                      c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
 
 
-def _check_init_from(config) -> None:
-    """Refuses a fine-tuning start that would silently weaken or void the guarantee.
-
-    * `init_reinit` is only set by fine-tuning configs: without `init_from` such a run would
-      train from scratch and spend the budget on a model that cannot be good.
-    * Pretraining on one part of a dataset and fine-tuning on its private part is sound only
-      if the pretraining run used the *public* part of the same split; otherwise the "public"
-      model has seen private images, which the accountant does not cover.
-    """
-    if config.init_from is None:
-        if config.init_reinit is not None:
-            raise ValueError("init_reinit is set but init_from is not: this config fine-tunes a "
-                             "pretrained model; set --config.init_from=<pretraining workdir>")
-        return
-    if not has_checkpoint(config.init_from):
-        raise FileNotFoundError(f"init_from={config.init_from!r} holds no checkpoint")
-    if config.phase != "dp" or config.data.subset != "private":
-        return
-    store = CheckpointStore(checkpoint_dir(config.init_from), create=False)
-    try:
-        source = json.loads(store.restore_meta()["config"])["data"]
-    finally:
-        store.close()
-    mine = config.data
-    if source["name"] == mine.name and (
-            source["subset"] != "public" or source["public_fraction"] != mine.public_fraction
-            or source["split_seed"] != mine.split_seed):
-        raise ValueError(
-            f"init_from={config.init_from!r} was trained on {source['name']} subset "
-            f"{source['subset']!r} (public_fraction={source['public_fraction']}, "
-            f"split_seed={source['split_seed']}); fine-tuning on the private subset needs a "
-            f"model pretrained on the public subset of the same split")
-
-
-def _resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:
-    """The checkpoint's ledger, refusing a config whose privacy target says otherwise."""
-    ledger = accounting.PrivacyLedger.from_dict(record)
-    for name, saved in (("target_epsilon", ledger.target_epsilon), ("delta", ledger.delta),
-                        ("accountant", ledger.accountant)):
-        if config.dp[name] != saved:
-            raise ValueError(f"dp.{name}={config.dp[name]!r} differs from the checkpoint's "
-                             f"{saved!r}; a run's privacy target cannot change on resume (use "
-                             "a new workdir)")
-    return ledger
-
-
-def _meta_problem(meta: dict) -> str | None:
-    """Why a checkpoint's metadata cannot resume a run (None when it can)."""
-    needed = ["phase", "seed", "config"] + (["ledger", "noise_multiplier"]
-                                            if meta.get("phase") == "dp" else [])
-    missing = [key for key in needed if key not in meta]
-    return f"its metadata lacks {', '.join(missing)}" if missing else None
-
-
-def _refuse_spent_workdir(workdir: str, allow_restart: bool) -> list[str]:
-    """Refuses a fresh DP start in a workdir that an earlier DP run has released from, unless
-    `allow_restart`; returns the traces of that run (empty for a clean workdir)."""
-    traces = release_traces(workdir)
-    if not traces:
-        return []
-    if not allow_restart:
-        raise ValueError(
-            f"workdir {workdir} holds traces of an earlier DP run ({', '.join(traces)}) but no "
-            "checkpoint to resume: starting over would train on the same data again with a new "
-            "seed and spend the budget a second time. Use a new workdir, or pass "
-            "--allow_restart_spent_workdir to start over here (the new privacy report then "
-            "states the earlier release)")
-    log.warning("starting over in %s although it holds traces of an earlier DP run (%s): the "
-                "new privacy report states the earlier release(s) and their composition",
-                workdir, ", ".join(traces))
-    return traces
-
-
-def _check_same_data(meta: dict, fingerprint: dict) -> None:
-    """Refuses to resume on other data than the checkpoint's ledger accounts for."""
-    saved = meta.get("dataset_fingerprint")
-    if saved is None:  # written before fingerprints were stored: size is all we can compare
-        if meta.get("num_examples") != fingerprint["num_examples"]:
-            raise ValueError(f"the training data have {fingerprint['num_examples']} examples, "
-                             f"the checkpoint's had {meta.get('num_examples')}: a run's data "
-                             "cannot change on resume (use a new workdir)")
-        log.warning("the checkpoint predates dataset fingerprints: only the number of examples "
-                    "(%d) was checked, not the content", fingerprint["num_examples"])
-        return
-    mismatch = fingerprint_mismatch(saved, fingerprint)
-    if mismatch:
-        raise ValueError(f"the training data differ from the checkpoint's ({mismatch}): a run's "
-                         "data cannot change on resume (use a new workdir)")
-
-
-@contextlib.contextmanager
-def _signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
-    """Holds `signums` while the body runs, then re-raises them for their own handlers.
-
-    In a thread other than the main one (where handlers cannot be set) it does nothing.
-    """
-    held, previous = [], {}
-    try:
-        for signum in signums:
-            previous[signum] = signal.signal(signum, lambda n, _: held.append(n))
-    except ValueError:
-        pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(held):
-            signal.raise_signal(signum)
-
-
-# Test-only seam, for deterministic signal and concurrency tests: with
-# JAXDPDM_TEST_PAUSE_AT="point[@step],..." and JAXDPDM_TEST_PAUSE_DIR=<dir>, the trainer creates
-# `<dir>/<point>.reached` at each named point and waits there until `<dir>/<point>.go` exists.
-# Points: "locked" (workdir lock taken), "step_done" (after step `step`, before its
-# checkpoint), "checkpoint_write" (inside the save of step `step`). Unset: a no-op.
-_PAUSE_ENV, _PAUSE_DIR_ENV = "JAXDPDM_TEST_PAUSE_AT", "JAXDPDM_TEST_PAUSE_DIR"
-
-
-def _test_pause(point: str, step: int | None = None) -> None:
-    wanted = os.environ.get(_PAUSE_ENV)
-    if not wanted:
-        return
-    name = point if step is None else f"{point}@{step}"
-    if name not in wanted.split(","):
-        return
-    directory = os.environ[_PAUSE_DIR_ENV]
-    with open(os.path.join(directory, f"{point}.reached"), "w") as f:
-        f.write(str(os.getpid()))
-    while not os.path.exists(os.path.join(directory, f"{point}.go")):
-        time.sleep(0.01)
-
-
-class _SignalFlag:
-    """Records a signal instead of dying of it, so the loop can stop between two steps."""
-
-    def __init__(self, signum: int):
-        self.raised = False
-        self._signum = signum
-        try:
-            self._previous = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread: leave the default behaviour alone
-            self._previous = None
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.raised = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(self._signum, self._previous)
-
-
 def _clip_metrics(stats, mask: np.ndarray) -> dict[str, float]:
     """Host metrics of one DP step, `mask` (`[num_chunks * chunk_size]`) marking real rows.
 
@@ -581,28 +422,6 @@ def _masked_leaves(params, mask):
 def _jsonable(d):
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, list, tuple, type(None)))
                 else v) for k, v in d.items()}
-
-
-def _with_seed(config, stored_seed: int | None):
-    """`config` with its seed resolved: the checkpoint's, the configured one, or a secret one.
-
-    The seed determines the DP noise and the Poisson batches, so it must not be guessable: an
-    unset seed is drawn from the OS's entropy (and then kept in the private checkpoint only).
-    """
-    if stored_seed is not None:
-        if config.seed is not None and config.seed != stored_seed:
-            raise ValueError(f"seed={config.seed} differs from the checkpoint's seed; resuming "
-                             "with another seed would replay different releases")
-        seed = stored_seed
-    elif config.seed is not None:
-        seed = config.seed
-    else:
-        seed = secrets.randbits(31)
-        if jax.process_count() > 1:  # every host must use the same (secret) seed
-            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-    config = config.copy_and_resolve_references()
-    config.seed = seed
-    return config
 
 
 def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) -> dict[str, Any]:

@@ -72,9 +72,9 @@ def _wait_for(path, process, timeout=600.0):
 
 
 def test_lock_refuses_a_second_process_and_ctrl_c_mid_save_keeps_the_checkpoint(tmp_path):
-    """Two deterministic pause points of one training process (see `_test_pause` in train.py):
-    holding the lock, a second process is refused; inside the save of step 2, Ctrl-C waits for
-    the write, then exits 130 without a traceback."""
+    """Two deterministic pause points of one training process (`pause_for_tests` in
+    jaxdpdm/interrupts.py): while it holds the lock, a second process is refused; inside the
+    save of step 2, Ctrl-C waits for the write, then exits 130 without a traceback."""
     workdir, pauses = tmp_path / "run", tmp_path / "pauses"
     pauses.mkdir()
     args = ["--config=configs/quickstart.py:tiny", f"--workdir={workdir}"]
