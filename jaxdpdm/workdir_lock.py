@@ -7,7 +7,8 @@ run depends on, and removes it when it ends: on return, on an exception, on Ctrl
 
 * Local disks: the file is created with `O_CREAT | O_EXCL`, which is atomic, so exactly one of
   two simultaneous starts wins. A lock whose holder ran on this host and no longer exists (a
-  `kill -9`, a power cut) is stale: it is taken over with a warning.
+  `kill -9`, a power cut) is stale: it is taken over with a warning. (Two starts taking over
+  the same stale lock at the same instant are not told apart: the window is one unlink.)
 * Object stores (`gs://...`): there is no exclusive create through the file API, so the lock is
   best-effort: it is checked, then written, and a start racing another one within that window can
   slip through. Staleness cannot be checked from another host either: a lock left by a dead
