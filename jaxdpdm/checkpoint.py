@@ -13,17 +13,24 @@ ledger disagree. No RNG state is stored: all randomness derives from `(seed, ste
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxdpdm import storage
 from jaxdpdm.dp.clipping import param_path
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_SUBDIR = "checkpoints"
+# A checkpoint that does not restore is renamed `<step>` -> `<step>.unrestorable` (kept for
+# inspection, out of orbax's way) once the run has resumed from an older one.
+SET_ASIDE_SUFFIX = ".unrestorable"
 
 
 def checkpoint_dir(path: str) -> str:
@@ -120,6 +127,58 @@ class CheckpointStore:
                         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
 
+    def newest_restorable(self, meta_problem: Callable[[dict], str | None] | None = None
+                          ) -> tuple[int | None, dict]:
+        """The newest checkpoint that restores completely, and its metadata.
+
+        Each candidate, newest first, is read in full (arrays and metadata) and its metadata
+        checked by `meta_problem` (returns why it cannot be used, or None). A checkpoint that
+        fails (truncated or missing files, missing `meta`, ...) is skipped with a warning that
+        names it and the reason; when an older one restores, the skipped ones are renamed
+        `<step>.unrestorable` (never deleted), so the resumed run can write those steps again.
+        The price is one extra read of the chosen checkpoint at start-up (the trainer restores it
+        again into its sharded state).
+
+        Returns:
+          `(step, meta)`, or `(None, {})` when the folder holds no checkpoint.
+
+        Raises:
+          ValueError: checkpoints exist but none restores (one line naming each and why).
+        """
+        skipped = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                _, meta = self.restore_arrays(step)
+                problem = meta_problem(meta) if meta_problem is not None else None
+            except Exception as e:  # noqa: BLE001 -- any failure to read makes it unusable
+                problem = _one_line(e)
+            if problem is None:
+                for bad, why in skipped:
+                    log.warning("checkpoint %d in %s does not restore (%s): skipped; resuming "
+                                "from checkpoint %d; the bad one is kept as %s%s", bad,
+                                self.directory, why, step, bad, SET_ASIDE_SUFFIX)
+                    if jax.process_index() == 0:  # one renamer for a shared folder
+                        self._set_aside(bad)
+                if skipped:
+                    if jax.process_count() > 1:
+                        multihost_utils.sync_global_devices("jaxdpdm checkpoints set aside")
+                    self._manager.reload()
+                return step, meta
+            skipped.append((step, problem))
+        if skipped:
+            raise ValueError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+                f"step {step}: {why}" for step, why in skipped) + " (left in place; move them "
+                "away to start over)")
+        return None, {}
+
+    def _set_aside(self, step: int) -> None:
+        source = storage.join(self.directory, str(step))
+        target, n = source + SET_ASIDE_SUFFIX, 1
+        while storage.exists(target):
+            n += 1
+            target = f"{source}{SET_ASIDE_SUFFIX}{n}"
+        storage.rename(source, target)
+
     def close(self) -> None:
         self._manager.close()
 
@@ -129,6 +188,12 @@ class CheckpointStore:
         if step is None:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
         return step
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_init_params(path: str, template: Any, reinit_pattern: str | None = None) -> Any:

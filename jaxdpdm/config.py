@@ -201,8 +201,10 @@ def validate_config(config) -> None:
                f"dp.target_epsilon must be a finite number > 0, got {p.target_epsilon}")
         _check(0.0 < p.delta < 1.0, f"dp.delta must be in (0, 1), got {p.delta}")
         _check(p.clip_norm > 0, f"dp.clip_norm must be > 0, got {p.clip_norm}")
-        _check(p.noise_multiplier is None or p.noise_multiplier >= 0,
-               "dp.noise_multiplier must be >= 0 (or unset, to calibrate it)")
+        # sigma = 0 adds no noise: nothing would be private, and the accountant cannot price it.
+        _check(p.noise_multiplier is None or p.noise_multiplier > 0,
+               f"dp.noise_multiplier must be > 0 in a DP run (or unset, to calibrate it), got "
+               f"{p.noise_multiplier}; use phase='pretrain' for non-private training")
         _check(p.accountant in ACCOUNTANTS, f"dp.accountant must be one of {ACCOUNTANTS}")
 
     s = config.sample

@@ -8,6 +8,7 @@ the DP engine never see the config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import jax
@@ -155,6 +156,37 @@ def build_experiment(config, dataset: ImageDataset | None = None, *,
         schedule=schedule,
         timestep_dist=timestep_distribution(config),
     )
+
+
+def dataset_fingerprint(config, dataset: ImageDataset) -> dict[str, Any]:
+    """What identifies the training data of a run, stored with every checkpoint.
+
+    A resumed DP run must train on the data its ledger accounts for: the selection fields of
+    `config.data`, the size, the class counts and a SHA-256 over the image and label bytes (in
+    dataset order, with their shapes) all have to match. JSON-serialisable.
+    """
+    d = config.data
+    digest = hashlib.sha256()
+    for array in (dataset.images, dataset.labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    return {
+        "name": d.name, "split": d.split, "subset": d.subset,
+        "public_fraction": d.public_fraction, "split_seed": d.split_seed,
+        "classes": None if d.classes is None else list(d.classes),
+        "max_examples": d.max_examples, "num_examples": len(dataset),
+        "class_counts": [int(c) for c in counts], "sha256": digest.hexdigest(),
+    }
+
+
+def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Names the first field in which two fingerprints differ (with both values), else None."""
+    for key in current:
+        if saved.get(key) != current[key]:
+            return f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now"
+    return None
 
 
 def count_params(tree) -> int:

@@ -39,6 +39,11 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
+def rename(source: str, target: str) -> None:
+    """Renames a file or folder (on an object store: a copy then a delete, not atomic)."""
+    epath.Path(source).rename(target)
+
+
 def ensure_writable_dir(path: str) -> str:
     """Creates `path` if needed and proves it writable; returns its normalized form.
 
@@ -48,7 +53,8 @@ def ensure_writable_dir(path: str) -> str:
     path = normalize(path)
     try:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
-        probe = epath.Path(join(path, ".write_test"))
+        # Named per process: two starts probing at once must not remove each other's probe.
+        probe = epath.Path(join(path, f".write_test.{os.getpid()}"))
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

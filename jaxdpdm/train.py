@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import secrets
 import signal
+import weakref
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from jaxdpdm import parallel, storage
-from jaxdpdm.checkpoint import (CHECKPOINT_SUBDIR, CheckpointStore, checkpoint_dir,
-                                has_checkpoint, load_init_params)
+from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore, load_init_params
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
-from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
-from jaxdpdm.experiment import build_experiment, count_params
+from jaxdpdm.evaluation.report import (archive_earlier_reports, privacy_report,
+                                       write_privacy_report)
+from jaxdpdm.experiment import build_experiment, count_params, dataset_fingerprint
+from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
 from jaxdpdm.monitoring import GridWriter, MetricsLogger
+from jaxdpdm.resume import (check_init_from, check_same_data, meta_problem, refuse_spent_workdir,
+                            resumed_ledger, with_seed)
+from jaxdpdm.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
             raise ValueError(f"dp.noise_multiplier={p.noise_multiplier} differs from the "
                              f"checkpoint's {stored_sigma}; use a new workdir")
         sigma, calibrated = stored_sigma, p.noise_multiplier is None
+        if not sigma > 0:  # written by a version that accepted sigma = 0: nothing was private
+            raise ValueError(f"the checkpoint's noise multiplier is {sigma}: that run added no "
+                             "noise, so it cannot be resumed as a DP run (use a new workdir)")
     elif p.noise_multiplier is not None:
         sigma, calibrated = float(p.noise_multiplier), False
     else:
@@ -102,23 +107,64 @@ def _ema_update(ema, params, decay):
 class Trainer:
     """Holds the compiled step functions and the mutable state of one training run."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, allow_restart_spent_workdir: bool = False):
+        """Checks config, workdir and data, restores the newest good checkpoint, compiles.
+
+        Args:
+          allow_restart_spent_workdir: start a DP run over in a workdir that holds traces of an
+            earlier DP run (its privacy report, grids, samples) but no checkpoint to resume. The
+            earlier report is kept as `privacy_report.earlier-<n>.json` and the new report lists
+            it. Without it such a workdir is refused.
+        """
         # Everything that can be wrong with the config, the data or the workdir is checked here,
         # before the first compilation, so a mistake costs seconds, not a compile.
         validate_config(config)
         self.workdir = storage.ensure_writable_dir(workdir)
+        # One process per workdir (the lead process holds it for a multi-host job); released
+        # when `run` ends, when this constructor fails, or at the latest when the trainer is
+        # collected or the interpreter exits.
+        self._lock = None
+        if jax.process_index() == 0:
+            self._lock = WorkdirLock(self.workdir).acquire()
+            weakref.finalize(self, self._lock.release)
+            pause_for_tests("locked")
+        try:
+            self._setup(config, allow_restart_spent_workdir)
+        except BaseException:
+            self.release_workdir()
+            raise
+
+    def release_workdir(self) -> None:
+        """Releases the workdir lock (idempotent); `run` does it when it returns or fails."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, config, allow_restart: bool):
         self.store = CheckpointStore(storage.join(self.workdir, CHECKPOINT_SUBDIR),
                                      keep=config.train.keep_checkpoints)
-        latest = self.store.latest_step()
-        meta = self.store.restore_meta(latest) if latest is not None else {}
+        latest, meta = self.store.newest_restorable(meta_problem)
         if meta and meta.get("phase") != config.phase:
             raise ValueError(f"{self.workdir} holds a {meta.get('phase')!r} run, this config is "
                              f"phase {config.phase!r}: use a new workdir (and init_from)")
+        restart_traces = []
         if not meta:
-            _check_init_from(config)
-        self.config = config = _with_seed(config, meta.get("seed"))
+            check_init_from(config)
+            if config.phase == "dp":
+                restart_traces = refuse_spent_workdir(self.workdir, allow_restart)
+        # Whether the seed (hence the noise) is known to whoever has the config; None: an old
+        # checkpoint that did not record it.
+        self.seed_fixed = meta.get("seed_fixed") if meta else config.seed is not None
+        self.config = config = with_seed(config, meta.get("seed"))
         self.exp = build_experiment(config)
         self.dp = config.phase == "dp"
+        if self.dp and self.seed_fixed:
+            log.warning("*** DP run with a FIXED seed (seed=%d from the config): the DP noise "
+                        "and batches are reproducible by anyone who has the config, and the "
+                        "guarantee does not hold against them. Unset it (--config.seed=None) "
+                        "for private data. The privacy report records this. ***", config.seed)
+        self.fingerprint = dataset_fingerprint(config, self.exp.dataset)
+        if meta:
+            check_same_data(meta, self.fingerprint)
         self.mesh = parallel.make_data_mesh()
         self.num_devices = self.mesh.devices.size
         self.is_lead = jax.process_index() == 0
@@ -129,7 +175,7 @@ class Trainer:
             self.mask = trainable_mask(jax.eval_shape(self.exp.init_params), config.dp.trainable)
         self.ledger = self.plan = None
         if self.dp:
-            self.ledger = (_resumed_ledger(meta["ledger"], config) if meta else
+            self.ledger = (resumed_ledger(meta["ledger"], config) if meta else
                            accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
                                                     accountant=config.dp.accountant,
                                                     num_examples=len(self.exp.dataset)))
@@ -138,6 +184,9 @@ class Trainer:
         self._build_step()
         self._grid_writer = None
         self._init_state(latest)
+        # Every check has passed: only now is an earlier run's report moved aside.
+        self.earlier_releases = (archive_earlier_reports(self.workdir, restart_traces)
+                                 if restart_traces else [])
 
     def _check_batch_size(self):
         batch, n = self.config.train.batch_size, len(self.exp.dataset)
@@ -176,7 +225,7 @@ class Trainer:
                  "opt_state": self.optimizer.init(params)}
         state = parallel.replicate(state, self.mesh)
         if latest is not None:
-            state, _ = self.store.restore(state, latest)
+            state, _ = self.store.restore(state, latest)  # proven restorable above
             log.info("resumed from %s at step %d", self.store.directory, latest)
         self.state = state
         self.step = int(state["step"])
@@ -186,15 +235,26 @@ class Trainer:
         meta = {"config": self.config.to_json(), "phase": self.config.phase,
                 "seed": self.config.seed, "num_classes": self.exp.dataset.num_classes,
                 "unet": _jsonable(dataclasses.asdict(self.exp.unet_config)),
-                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset)}
+                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset),
+                "dataset_fingerprint": self.fingerprint, "seed_fixed": self.seed_fixed}
         if self.dp:
             meta["ledger"] = self.ledger.to_dict()
             meta["noise_multiplier"] = self.plan.noise_multiplier
         return meta
 
     def save(self):
-        self.store.save(self.step, self.state, self._meta())
-        self._saved_step = self.step
+        """Checkpoints the current step (once: a step already saved is not written again).
+
+        SIGINT and SIGTERM arriving during the write are held until it has finished, then
+        delivered to their handlers: an interrupt never leaves a half-written checkpoint behind
+        or starts a second write of the same step.
+        """
+        if self._saved_step == self.step:
+            return
+        with signals_deferred():
+            pause_for_tests("checkpoint_write", self.step)
+            self.store.save(self.step, self.state, self._meta())
+            self._saved_step = self.step
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -246,23 +306,35 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Trains to `train.num_steps` (or to the privacy budget), then writes grid and report."""
+        """Trains to `train.num_steps` (or to the privacy budget), then writes grid and report.
+
+        The workdir lock is released when this returns or raises.
+        """
+        try:
+            stopped_by_budget = self._train_loop()
+            self.save()
+            self.write_grid("grid_final.png")
+            return self.finish(stopped_by_budget)
+        finally:
+            self.release_workdir()
+
+    def _train_loop(self) -> bool:
+        """Runs the steps; returns whether the privacy budget stopped them."""
         c = self.config
         logger = MetricsLogger(self.workdir, c.train.num_steps, enabled=self.is_lead)
         self._log_start()
-        stopped_by_budget = False
-        preempted = _SignalFlag(signal.SIGTERM)
+        preempted = SignalFlag(signal.SIGTERM)
         try:
             while self.step < c.train.num_steps:
                 if preempted.raised:
-                    # A preemption notice (SIGTERM): save and leave; rerunning resumes here.
-                    log.warning("SIGTERM at step %d: saving a checkpoint and exiting", self.step)
+                    # A preemption notice (SIGTERM): save (unless this step is saved already)
+                    # and leave with the conventional 128 + 15; rerunning resumes here.
+                    log.warning("SIGTERM at step %d: checkpointing and exiting", self.step)
                     self.save()
                     raise SystemExit(143)
                 if not self.budget_allows_step():
-                    stopped_by_budget = True
                     log.warning("privacy budget reached: stopping before step %d", self.step)
-                    break
+                    return True
                 fetch_metrics = self.train_step()
                 if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
                     metrics = fetch_metrics()
@@ -283,10 +355,7 @@ class Trainer:
         finally:
             preempted.restore()
             logger.close()
-        if self._saved_step != self.step:
-            self.save()
-        self.write_grid("grid_final.png")
-        return self.finish(stopped_by_budget)
+        return False
 
     def finish(self, stopped_by_budget: bool) -> dict[str, Any]:
         report = None
@@ -296,7 +365,8 @@ class Trainer:
                 num_params=count_params(self.state["params"]),
                 num_trainable=count_params(_masked_leaves(self.state["params"], self.mask)),
                 dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
-                calibrated=self.plan.calibrated)
+                calibrated=self.plan.calibrated, seed_fixed=self.seed_fixed,
+                earlier_releases=self.earlier_releases)
             if self.is_lead:
                 write_privacy_report(self.workdir, report)
         self.store.close()
@@ -320,72 +390,6 @@ class Trainer:
                      "calibrated" if p.calibrated else "given", p.sampling_rate,
                      p.expected_batch_size, p.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
                      c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
-
-
-def _check_init_from(config) -> None:
-    """Refuses a fine-tuning start that would silently weaken or void the guarantee.
-
-    * `init_reinit` is only set by fine-tuning configs: without `init_from` such a run would
-      train from scratch and spend the budget on a model that cannot be good.
-    * Pretraining on one part of a dataset and fine-tuning on its private part is sound only
-      if the pretraining run used the *public* part of the same split; otherwise the "public"
-      model has seen private images, which the accountant does not cover.
-    """
-    if config.init_from is None:
-        if config.init_reinit is not None:
-            raise ValueError("init_reinit is set but init_from is not: this config fine-tunes a "
-                             "pretrained model; set --config.init_from=<pretraining workdir>")
-        return
-    if not has_checkpoint(config.init_from):
-        raise FileNotFoundError(f"init_from={config.init_from!r} holds no checkpoint")
-    if config.phase != "dp" or config.data.subset != "private":
-        return
-    store = CheckpointStore(checkpoint_dir(config.init_from), create=False)
-    try:
-        source = json.loads(store.restore_meta()["config"])["data"]
-    finally:
-        store.close()
-    mine = config.data
-    if source["name"] == mine.name and (
-            source["subset"] != "public" or source["public_fraction"] != mine.public_fraction
-            or source["split_seed"] != mine.split_seed):
-        raise ValueError(
-            f"init_from={config.init_from!r} was trained on {source['name']} subset "
-            f"{source['subset']!r} (public_fraction={source['public_fraction']}, "
-            f"split_seed={source['split_seed']}); fine-tuning on the private subset needs a "
-            f"model pretrained on the public subset of the same split")
-
-
-def _resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:
-    """The checkpoint's ledger, refusing a config whose privacy target says otherwise."""
-    ledger = accounting.PrivacyLedger.from_dict(record)
-    for name, saved in (("target_epsilon", ledger.target_epsilon), ("delta", ledger.delta),
-                        ("accountant", ledger.accountant)):
-        if config.dp[name] != saved:
-            raise ValueError(f"dp.{name}={config.dp[name]!r} differs from the checkpoint's "
-                             f"{saved!r}; a run's privacy target cannot change on resume (use "
-                             "a new workdir)")
-    return ledger
-
-
-class _SignalFlag:
-    """Records a signal instead of dying of it, so the loop can stop between two steps."""
-
-    def __init__(self, signum: int):
-        self.raised = False
-        self._signum = signum
-        try:
-            self._previous = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread: leave the default behaviour alone
-            self._previous = None
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.raised = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(self._signum, self._previous)
 
 
 def _clip_metrics(stats, mask: np.ndarray) -> dict[str, float]:
@@ -420,28 +424,6 @@ def _jsonable(d):
                 else v) for k, v in d.items()}
 
 
-def _with_seed(config, stored_seed: int | None):
-    """`config` with its seed resolved: the checkpoint's, the configured one, or a secret one.
-
-    The seed determines the DP noise and the Poisson batches, so it must not be guessable: an
-    unset seed is drawn from the OS's entropy (and then kept in the private checkpoint only).
-    """
-    if stored_seed is not None:
-        if config.seed is not None and config.seed != stored_seed:
-            raise ValueError(f"seed={config.seed} differs from the checkpoint's seed; resuming "
-                             "with another seed would replay different releases")
-        seed = stored_seed
-    elif config.seed is not None:
-        seed = config.seed
-    else:
-        seed = secrets.randbits(31)
-        if jax.process_count() > 1:  # every host must use the same (secret) seed
-            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-    config = config.copy_and_resolve_references()
-    config.seed = seed
-    return config
-
-
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the final step and privacy report."""
-    return Trainer(config, workdir).run()
+    return Trainer(config, workdir, allow_restart_spent_workdir=allow_restart_spent_workdir).run()

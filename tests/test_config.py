@@ -127,6 +127,7 @@ INVALID = [
     ("dp.delta", 1.0, "dp.delta"),
     ("dp.clip_norm", 0.0, "dp.clip_norm"),
     ("dp.noise_multiplier", -1.0, "dp.noise_multiplier"),
+    ("dp.noise_multiplier", 0.0, "dp.noise_multiplier must be > 0"),
     ("dp.accountant", "moments", "dp.accountant"),
     ("sample.sampler", "euler", "sample.sampler"),
     ("sample.ddim_steps", 0, "sample.ddim_steps"),
@@ -163,7 +164,7 @@ def test_dp_fields_are_not_checked_when_pretraining(field, value):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", 0), ("dp.noise_multiplier", 0.0), ("dp.clip_norm", math.inf),
+    ("seed", 0), ("dp.noise_multiplier", 1e-3), ("dp.clip_norm", math.inf),
     ("diffusion.label_dropout", 0.0), ("train.ema_decay", 0.0), ("train.warmup_steps", 0),
     ("sample.ddim_steps", 1000), ("sample.sampler", "ddpm"), ("diffusion.schedule", "cosine"),
     ("dp.accountant", "rdp"), ("data.channels", 3),

@@ -2,10 +2,15 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from jaxdpdm.checkpoint import CheckpointStore
+from jaxdpdm.workdir_lock import LOCK_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +60,76 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert "error:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _wait_for(path, process, timeout=600.0):
+    """Waits until the trainer in `process` has reached a pause point (created `path`)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_lock_refuses_a_second_process_and_ctrl_c_mid_save_keeps_the_checkpoint(tmp_path):
+    """Two deterministic pause points of one training process (`pause_for_tests` in
+    jaxdpdm/interrupts.py): while it holds the lock, a second process is refused; inside the
+    save of step 2, Ctrl-C waits for the write, then exits 130 without a traceback."""
+    workdir, pauses = tmp_path / "run", tmp_path / "pauses"
+    pauses.mkdir()
+    args = ["--config=configs/quickstart.py:tiny", f"--workdir={workdir}"]
+    env = {**os.environ, "JAXDPDM_TEST_PAUSE_AT": "locked,checkpoint_write@2",
+           "JAXDPDM_TEST_PAUSE_DIR": str(pauses), "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen([sys.executable, "-m", "jaxdpdm.main", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(pauses / "locked.reached", first)
+        second = _main(*args)
+        assert second.returncode == 2
+        assert f"is in use by pid {first.pid} on host" in second.stderr
+        assert "Traceback" not in second.stderr
+        (pauses / "locked.go").touch()
+
+        _wait_for(pauses / "checkpoint_write.reached", first)
+        first.send_signal(signal.SIGINT)
+        (pauses / "checkpoint_write.go").touch()
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    store = CheckpointStore(str(workdir / "checkpoints"), create=False)
+    try:
+        assert store.all_steps() == [2]
+        assert store.restore_meta(2)["ledger"]["phases"][0]["steps"] == 2
+    finally:
+        store.close()
+    assert not (workdir / LOCK_NAME).exists()
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_none_on_the_command_line_unsets_an_optional_field():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jaxdpdm import main  # registers the None-aware parsers
+
+    def parse(*overrides):
+        argv = ["prog", "--config=configs/quickstart.py:tiny", *overrides]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        flag_values(argv)
+        config = flag_values.config
+        return config, main.unset_fields_that_cannot_be_none(
+            config, config_flags.get_override_values(flag_values["config"]))
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        config, bad = parse("--config.seed=None", "--config.dp.noise_multiplier=1.5")
+        assert config.seed is None and config.dp.noise_multiplier == 1.5 and bad == []
+        _, bad = parse("--config.train.num_steps=None")
+        assert bad == ["train.num_steps"]
+    finally:
+        os.chdir(cwd)

@@ -4,14 +4,21 @@ All runs use the quickstart ":tiny" config (8x8 digits, a 49k-parameter UNet) so
 programs are shared between tests through the persistent compilation cache.
 """
 
+import dataclasses
 import json
+import logging
+import os
+import shutil
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from jaxdpdm.dp import accounting
-from jaxdpdm.train import Trainer
+from jaxdpdm.experiment import build_experiment, dataset_fingerprint, fingerprint_mismatch
+from jaxdpdm.train import Trainer, plan_dp
+from jaxdpdm.workdir_lock import LOCK_NAME
 
 
 def _tree_equal(a, b) -> bool:
@@ -164,3 +171,145 @@ def test_eight_devices_train_like_one(run_multidevice, finished_run):
     assert len(eight) == len(one)
     for a, b in zip(eight, one):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b).ravel(), rtol=1e-4, atol=1e-6)
+
+
+# --- hardening (issue 13): privacy holes and fault handling ------------------------------------
+
+def _copy_workdir(source, target):
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(LOCK_NAME))
+    return target
+
+
+def test_a_fixed_seed_is_warned_about_and_stated_in_the_report(finished_run):
+    _, result, workdir = finished_run  # the tiny config fixes seed=0
+    assert result["privacy"]["guarantee"]["seed_fixed_by_config"] is True
+    text = (workdir / "privacy_report.txt").read_text()
+    assert "WARNING: the seed was fixed by the config" in text
+    assert not (workdir / LOCK_NAME).exists()  # released at the end of the run
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0])
+def test_a_dp_run_without_noise_is_refused_before_writing_anything(tmp_path, tiny_config, sigma):
+    config = tiny_config()
+    config.dp.noise_multiplier = sigma
+    with pytest.raises(ValueError, match="dp.noise_multiplier must be > 0"):
+        Trainer(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+    # A checkpoint written by a version that accepted sigma = 0 cannot be resumed either.
+    ledger = accounting.PrivacyLedger(10.0, 1e-5, num_examples=1442)
+    with pytest.raises(ValueError, match="added no noise"):
+        plan_dp(tiny_config(), 1442, 1, ledger, stored_sigma=0.0)
+
+
+def test_a_changed_dataset_is_refused_on_resume(tmp_path, tiny_config, finished_run):
+    _, _, workdir = finished_run
+    config = tiny_config()
+    config.data.max_examples = 500
+    with pytest.raises(ValueError, match="data differ from the checkpoint's .*max_examples"):
+        Trainer(config, str(_copy_workdir(workdir, tmp_path / "wd")))
+
+
+def test_the_fingerprint_covers_the_content(tiny_config):
+    config = tiny_config()
+    dataset = build_experiment(config).dataset
+    original = dataset_fingerprint(config, dataset)
+    images = dataset.images.copy()
+    images[7, 0, 0, 0] ^= 1
+    changed = dataset_fingerprint(config, dataclasses.replace(dataset, images=images))
+    assert fingerprint_mismatch(original, changed).startswith("sha256")
+    assert fingerprint_mismatch(original, dataset_fingerprint(config, dataset)) is None
+    assert original["num_examples"] == 1442 and sum(original["class_counts"]) == 1442
+
+
+def test_a_workdir_with_a_report_but_no_checkpoint_is_not_retrained_silently(tmp_path,
+                                                                            tiny_config,
+                                                                            finished_run):
+    _, first, workdir = finished_run
+    spent = _copy_workdir(workdir, tmp_path / "spent")
+    shutil.rmtree(spent / "checkpoints")  # the checkpoints were lost, the release was not
+    with pytest.raises(ValueError, match="traces of an earlier DP run .*privacy_report.json"
+                                         ".*--allow_restart_spent_workdir"):
+        Trainer(tiny_config(), str(spent))
+    assert (spent / "privacy_report.json").exists()
+
+    second = Trainer(tiny_config(), str(spent), allow_restart_spent_workdir=True).run()
+    kept = json.loads((spent / "privacy_report.earlier-1.json").read_text())
+    assert kept["guarantee"] == first["privacy"]["guarantee"]
+    report = json.loads((spent / "privacy_report.json").read_text())
+    eps = [first["privacy"]["guarantee"]["epsilon_pld"], second["privacy"]["guarantee"]
+           ["epsilon_pld"]]
+    assert report["earlier_releases"] == [{"report": "privacy_report.earlier-1.json",
+                                           "epsilon_pld": eps[0], "delta": 1e-5}]
+    assert report["composition"]["epsilon_total"] == pytest.approx(sum(eps))
+    assert report["composition"]["delta_total"] == pytest.approx(2e-5)
+    assert "EARLIER RELEASE" in (spent / "privacy_report.txt").read_text()
+
+
+def test_sigterm_in_a_step_that_ends_on_a_checkpoint_exits_143(tmp_path, tiny_config):
+    trainer = Trainer(tiny_config(), str(tmp_path))  # checkpoint_every=2
+    step_once = trainer.train_step
+
+    def step_with_preemption_notice():
+        metrics = step_once()
+        if trainer.step == 2:  # the notice arrives during step 2, whose end is a checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_with_preemption_notice
+    with pytest.raises(SystemExit) as info:
+        trainer.run()
+    assert info.value.code == 143
+    assert trainer.store.all_steps() == [2]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def _truncate_meta(checkpoint):
+    path = checkpoint / "meta" / "metadata"
+    path.write_text(path.read_text()[:100])
+
+
+def _empty_data_files(checkpoint):
+    for path in (checkpoint / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(b"")
+
+
+CORRUPTIONS = {
+    "truncated metadata": _truncate_meta,
+    "missing manifest": lambda c: (c / "state" / "manifest.ocdbt").unlink(),
+    "emptied data files": _empty_data_files,
+    "missing meta": lambda c: shutil.rmtree(c / "meta"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_config,
+                                                                    finished_run, caplog,
+                                                                    corruption):
+    full, _, workdir = finished_run
+    wd = _copy_workdir(workdir, tmp_path / "wd")
+    CORRUPTIONS[corruption](wd / "checkpoints" / "3")
+    with caplog.at_level(logging.WARNING):
+        resumed = Trainer(tiny_config(), str(wd))
+    assert resumed.step == 2 and resumed.ledger.total_steps == 2
+    assert "checkpoint 3 in" in caplog.text and "does not restore" in caplog.text
+    assert (wd / "checkpoints" / "3.unrestorable").is_dir()  # kept, out of the way
+    if corruption == "missing meta":  # one of them runs on: the replayed step 3 is identical
+        resumed.run()
+        assert resumed.store.all_steps() == [2, 3]
+        assert _tree_equal(resumed.state["params"], full.state["params"])
+    else:
+        resumed.release_workdir()
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path, tiny_config, finished_run):
+    _, _, workdir = finished_run
+    wd = _copy_workdir(workdir, tmp_path / "wd")
+    _truncate_meta(wd / "checkpoints" / "3")
+    shutil.rmtree(wd / "checkpoints" / "2" / "meta")
+    with pytest.raises(ValueError, match="no checkpoint in .* restores: step 3: .*; step 2: ") \
+            as info:
+        Trainer(tiny_config(), str(wd))
+    assert "\n" not in str(info.value)
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3"]  # nothing deleted or renamed
+    assert not (wd / LOCK_NAME).exists()

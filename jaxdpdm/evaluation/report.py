@@ -6,23 +6,39 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from jaxdpdm import storage
 
 PRIVACY_JSON = "privacy_report.json"
 PRIVACY_TEXT = "privacy_report.txt"
+# The report of an earlier DP run in the same workdir, kept when a new run starts over there.
+EARLIER_JSON = "privacy_report.earlier-{}.json"
+_EARLIER = re.compile(r"privacy_report\.earlier-(\d+)\.json$")
+# Names in a workdir that show an earlier DP run released something (reports, sample grids,
+# generated samples, evaluations); TensorBoard logs and checkpoints are not releases.
+_RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples|eval)$")
 
 
 def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_trainable: int,
-                   dataset: str, stopped_by_budget: bool, calibrated: bool) -> dict[str, Any]:
+                   dataset: str, stopped_by_budget: bool, calibrated: bool,
+                   seed_fixed: bool | None = False,
+                   earlier_releases: list[dict] | None = None) -> dict[str, Any]:
     """Collects the guarantee of a finished (or stopped) DP run.
 
     The guarantee is recomputed from the ledger with both accountants; the run's own accountant
     is the one whose budget was enforced.
+
+    Args:
+      seed_fixed: whether the config fixed the seed (then anyone with the config can recompute
+        the noise); None when an old checkpoint did not record it.
+      earlier_releases: earlier DP runs of this workdir (`archive_earlier_reports`); their
+        guarantees compose with this one's, which the report states.
     """
     history = ledger.to_dict()
-    return {
+    earlier = list(earlier_releases or [])
+    report = {
         "guarantee": {
             "epsilon_pld": ledger.spent_epsilon("pld"),
             "epsilon_rdp": ledger.spent_epsilon("rdp"),
@@ -31,6 +47,7 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
             "target_epsilon": ledger.target_epsilon,
             "enforced_accountant": ledger.accountant,
             "unit": "example-level add/remove adjacency (one training example)",
+            "seed_fixed_by_config": seed_fixed,
         },
         "mechanism": {
             "name": "DP-SGD, Poisson-subsampled Gaussian, self-composed",
@@ -58,6 +75,57 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
             "computed from the private data without noise: do not publish them. "
             "Hyperparameters tuned on the private data are not accounted for."),
     }
+    if earlier:
+        report["earlier_releases"] = earlier
+        report["composition"] = _composition(report["guarantee"], earlier)
+    return report
+
+
+def _composition(guarantee: dict, earlier: list[dict]) -> dict[str, Any]:
+    """The guarantee of all releases of this workdir together (basic composition: the epsilons
+    and the deltas add up), or None totals when an earlier epsilon is unknown."""
+    known = all(e.get("epsilon_pld") is not None for e in earlier)
+    return {
+        "rule": "basic composition: the releases of this workdir together satisfy "
+                "(sum of epsilons, sum of deltas)-DP for the data they share",
+        "epsilon_total": (guarantee["epsilon_pld"] + sum(e["epsilon_pld"] for e in earlier)
+                          if known else None),
+        "delta_total": (guarantee["delta"] + sum(e["delta"] for e in earlier) if known else None),
+    }
+
+
+def release_traces(workdir: str) -> list[str]:
+    """Names in `workdir` that an earlier DP run released (sorted); empty for a clean workdir."""
+    if not storage.isdir(workdir):
+        return []
+    return sorted(name for name in storage.listdir(workdir) if _RELEASE_TRACE.match(name))
+
+
+def archive_earlier_reports(workdir: str, traces: list[str]) -> list[dict]:
+    """Keeps the current report as `privacy_report.earlier-<n>.json` (and .txt); returns every
+    earlier release of `workdir`, oldest first, for the next report.
+
+    A release with traces but no report (grids only) is listed with an unknown epsilon.
+    """
+    if PRIVACY_JSON in traces:
+        taken = [int(m.group(1)) for name in traces if (m := _EARLIER.match(name))]
+        number = max(taken, default=0) + 1
+        for name, kept in ((PRIVACY_JSON, EARLIER_JSON.format(number)),
+                           (PRIVACY_TEXT, EARLIER_JSON.format(number)[:-5] + ".txt")):
+            if name in traces:
+                storage.rename(storage.join(workdir, name), storage.join(workdir, kept))
+    releases = []
+    names = sorted(storage.listdir(workdir),
+                   key=lambda n: int(m.group(1)) if (m := _EARLIER.match(n)) else -1)
+    for name in names:
+        if _EARLIER.match(name):
+            g = json.loads(storage.read_text(storage.join(workdir, name)))["guarantee"]
+            releases.append({"report": name, "epsilon_pld": g["epsilon_pld"],
+                             "delta": g["delta"]})
+    if not releases:
+        releases.append({"report": None, "epsilon_pld": None, "delta": None,
+                         "traces": list(traces)})
+    return releases
 
 
 def history_value(history: dict, key: str):
@@ -96,6 +164,24 @@ def format_privacy_report(report: dict[str, Any]) -> str:
     ]
     if t["stopped_by_budget"]:
         lines.append("Training stopped early: the next step would have exceeded the budget.")
+    if g.get("seed_fixed_by_config"):
+        lines += ["", "WARNING: the seed was fixed by the config, so the noise and the batches "
+                  "are reproducible by anyone who has the config: the guarantee does not hold "
+                  "against them. Train private data with an unset (secret) seed."]
+    elif g.get("seed_fixed_by_config") is None:
+        lines += ["", "Seed: not recorded by the checkpoint this run resumed (it may have been "
+                  "fixed by the config)."]
+    for e in report.get("earlier_releases", []):
+        lines += ["", "EARLIER RELEASE in this workdir: "
+                  + (f"{e['report']}: ({e['epsilon_pld']:.3f}, {e['delta']:.1e})-DP"
+                     if e["report"] else f"of unknown epsilon (traces: {', '.join(e['traces'])})")]
+    if "composition" in report:
+        c = report["composition"]
+        lines.append("Together with this run: " + (
+            f"({c['epsilon_total']:.3f}, {c['delta_total']:.1e})-DP by basic composition, if "
+            "the runs trained on the same data." if c["epsilon_total"] is not None else
+            "the total epsilon is unknown (an earlier release has no report); the guarantees "
+            "above are NOT the total."))
     lines += ["", "Not covered: " + report["not_covered"]]
     return "\n".join(lines) + "\n"
 

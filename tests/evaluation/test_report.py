@@ -143,3 +143,47 @@ def test_write_privacy_report_writes_json_and_text(tmp_path, one_phase, capsys):
     assert (tmp_path / report_lib.PRIVACY_TEXT).read_text() == text
     assert text == report_lib.format_privacy_report(report)
     assert text in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed_fixed, fragment", [
+    (True, "WARNING: the seed was fixed by the config"), (None, "Seed: not recorded"),
+    (False, None)])
+def test_the_report_states_whether_the_seed_was_fixed(seed_fixed, fragment):
+    report = _report(_ledger([(1.2, 0.01, 2)]), seed_fixed=seed_fixed)
+    assert report["guarantee"]["seed_fixed_by_config"] is seed_fixed
+    text = report_lib.format_privacy_report(report)
+    assert ("seed was fixed" in text or "Seed:" in text) is (fragment is not None)
+    if fragment:
+        assert fragment in text
+
+
+def test_earlier_releases_are_archived_listed_and_composed(tmp_path, one_phase, capsys):
+    _, first = one_phase
+    report_lib.write_privacy_report(str(tmp_path), first)
+    (tmp_path / "grid_final.png").write_bytes(b"png")
+    (tmp_path / "events.out.tfevents.1").write_bytes(b"")
+    traces = report_lib.release_traces(str(tmp_path))
+    assert traces == ["grid_final.png", "privacy_report.json", "privacy_report.txt"]
+    earlier = report_lib.archive_earlier_reports(str(tmp_path), traces)
+    assert sorted(os.listdir(tmp_path)) == [
+        "events.out.tfevents.1", "grid_final.png", "privacy_report.earlier-1.json",
+        "privacy_report.earlier-1.txt"]
+    g = first["guarantee"]
+    assert earlier == [{"report": "privacy_report.earlier-1.json",
+                        "epsilon_pld": g["epsilon_pld"], "delta": g["delta"]}]
+    second = _report(_ledger([(1.2, 0.01, 5)]), earlier_releases=earlier)
+    assert second["composition"]["epsilon_total"] == pytest.approx(2 * g["epsilon_pld"])
+    assert second["composition"]["delta_total"] == pytest.approx(2 * g["delta"])
+    text = report_lib.format_privacy_report(second)
+    assert "EARLIER RELEASE" in text and "basic composition" in text
+
+
+def test_an_earlier_release_without_a_report_has_an_unknown_epsilon(tmp_path):
+    (tmp_path / "grid_final.png").write_bytes(b"png")
+    earlier = report_lib.archive_earlier_reports(
+        str(tmp_path), report_lib.release_traces(str(tmp_path)))
+    assert earlier == [{"report": None, "epsilon_pld": None, "delta": None,
+                        "traces": ["grid_final.png"]}]
+    report = _report(_ledger([(1.2, 0.01, 5)]), earlier_releases=earlier)
+    assert report["composition"]["epsilon_total"] is None
+    assert "are NOT the total" in report_lib.format_privacy_report(report)
