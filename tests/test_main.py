@@ -55,3 +55,15 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert "error:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_quoted_tilde_workdir_means_the_home_folder(tmp_path):
+    # `--workdir="~/x"` reaches the program unexpanded; it must not create a folder named "~".
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdpdm.main", f"--config={REPO}/configs/quickstart.py:tiny",
+         "--workdir=~/run", "--mode=sample"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path / "home"),
+                          "PYTHONPATH": REPO})
+    assert result.returncode == 2
+    assert f"no checkpoint in {tmp_path / 'home' / 'run'}" in result.stderr
+    assert not (tmp_path / "~").exists()

@@ -46,13 +46,16 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.pth` state dict with torch (tensors only, no pickled code) into numpy arrays."""
+    path = os.fspath(path)
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
-            "reading a .pth needs torch; install it, or convert the file once elsewhere with "
-            "`python -m jaxdpdm.evaluation.convert_inception_weights IN.pth OUT.npz`") from e
-    path = os.fspath(path)
+        # A ValueError, like every other unusable weights file: the command line prints one line.
+        raise ValueError(
+            f"reading {path!r} (a .pth) needs torch, which is not installed: `pip install torch`, "
+            "or convert the file once on a machine with torch "
+            "(`python -m jaxdpdm.evaluation.convert_inception_weights IN.pth OUT.npz`) and "
+            "point eval.inception_weights at the .npz") from e
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt archives
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         digest = convert(args.in_path, args.out_path)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out_path} (input sha256 {digest})")
