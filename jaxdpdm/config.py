@@ -142,6 +142,9 @@ def get_config(arg=None):
     config.sample.batch_size = 250
     # Sampling is post-processing of the DP model, so its seed may be public.
     config.sample.seed = 0
+    # Also write the samples as PNGs into this folder, one sub-folder per class (the layout the
+    # "image_folder" dataset and most training pipelines read). None: only samples/chunk_*.npz.
+    config.sample.image_folder = config_dict.placeholder(str)
 
     # --- evaluation (--mode=evaluate) ---
     config.eval = ml_collections.ConfigDict()

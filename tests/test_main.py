@@ -30,10 +30,14 @@ def test_train_sample_evaluate(tmp_path):
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
 
     sample = _main(config, f"--workdir={workdir}", "--mode=sample",
-                   "--config.sample.num_samples=30", "--config.sample.batch_size=20")
+                   "--config.sample.num_samples=30", "--config.sample.batch_size=20",
+                   f"--config.sample.image_folder={workdir}/png")
     assert sample.returncode == 0, sample.stderr[-3000:]
     chunks = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert chunks == ["chunk_00000.npz", "chunk_00001.npz", "meta.json"]
+    classes = sorted(n for n in os.listdir(os.path.join(workdir, "png")) if not n.startswith("."))
+    assert classes == [str(k) for k in range(10)]
+    assert sum(len(os.listdir(os.path.join(workdir, "png", k))) for k in classes) == 30
 
     evaluate = _main(config, f"--workdir={workdir}", "--mode=evaluate",
                      "--config.eval.classifier_epochs=1")
