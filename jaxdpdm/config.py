@@ -148,8 +148,12 @@ def get_config(arg=None):
 
     # --- evaluation (--mode=evaluate) ---
     config.eval = ml_collections.ConfigDict()
-    # Local file with the standard FID Inception weights (.pth or converted .npz); None: no FID.
+    # Local file with the standard FID Inception weights (.pth or converted .npz); None: no FID
+    # unless download_inception_weights is set.
     config.eval.inception_weights = config_dict.placeholder(str)
+    # Without inception_weights: fetch pytorch-fid's weights once into ~/.cache/jaxdpdm (needs
+    # internet, verified by SHA-256, converted once; see jaxdpdm/evaluation/inception_weights.py).
+    config.eval.download_inception_weights = False
     config.eval.fid_batch_size = 50
     config.eval.classifier = "cnn"  # "cnn" (DPDM's MNIST CNN) or "wrn16_4"
     config.eval.classifier_epochs = 20

@@ -68,7 +68,8 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return state_dict_to_numpy(state_dict)
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -104,7 +105,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
     file is corrupt or renamed, which is logged as a warning.
     """
     in_path = os.fspath(in_path)
-    digest = _sha256(in_path)
+    digest = sha256(in_path)
     match = re.search(r"-([0-9a-f]{8,})\.pth?$", os.path.basename(in_path))
     if match and not digest.startswith(match.group(1)):
         logger.warning("%s: SHA-256 %s does not start with %s as its name says; corrupt file?",
