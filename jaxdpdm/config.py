@@ -142,11 +142,18 @@ def get_config(arg=None):
     config.sample.batch_size = 250
     # Sampling is post-processing of the DP model, so its seed may be public.
     config.sample.seed = 0
+    # Also write the samples as PNGs into this folder, one sub-folder per class (the layout the
+    # "image_folder" dataset and most training pipelines read). None: only samples/chunk_*.npz.
+    config.sample.image_folder = config_dict.placeholder(str)
 
     # --- evaluation (--mode=evaluate) ---
     config.eval = ml_collections.ConfigDict()
-    # Local file with the standard FID Inception weights (.pth or converted .npz); None: no FID.
+    # Local file with the standard FID Inception weights (.pth or converted .npz); None: no FID
+    # unless download_inception_weights is set.
     config.eval.inception_weights = config_dict.placeholder(str)
+    # Without inception_weights: fetch pytorch-fid's weights once into ~/.cache/jaxdpdm (needs
+    # internet, verified by SHA-256, converted once; see jaxdpdm/evaluation/inception_weights.py).
+    config.eval.download_inception_weights = False
     config.eval.fid_batch_size = 50
     config.eval.classifier = "cnn"  # "cnn" (DPDM's MNIST CNN) or "wrn16_4"
     config.eval.classifier_epochs = 20

@@ -1,7 +1,8 @@
 """`--mode=sample`: synthetic data from a trained workdir's EMA parameters.
 
 Sampling is post-processing of the DP model: it spends no privacy budget, however many images
-are drawn. Samples go to `WORKDIR/samples/chunk_*.npz` (resumable) with a grid PNG beside them.
+are drawn. Samples go to `WORKDIR/samples/chunk_*.npz` (resumable) with a grid PNG beside them,
+and with `sample.image_folder` set also to PNGs in one sub-folder per class.
 """
 
 from __future__ import annotations
@@ -84,4 +85,7 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     print(f"[sample] {s.num_samples} samples in {summary.samples_dir} "
           f"({summary.num_generated} chunks generated, {summary.num_reused} reused); "
           f"grid: {summary.grid_path}", flush=True)
+    if s.image_folder:
+        count = sampling.export_image_folder(workdir, s.image_folder, u.num_classes or 1)
+        print(f"[sample] wrote {count} PNGs to {s.image_folder}/<class>/", flush=True)
     return summary

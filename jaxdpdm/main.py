@@ -11,6 +11,7 @@ overridden with `--config.FIELD=VALUE`, e.g. `--config.train.num_steps=3`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -93,7 +94,8 @@ def main(argv) -> int:
     # jaxdpdm's own progress, warnings and errors.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    # A quoted "~/runs/x" reaches us unexpanded; it means the home folder, not a folder named "~".
+    config, workdir = _CONFIG.value, os.path.expanduser(_WORKDIR.value)
     not_optional = unset_fields_that_cannot_be_none(config, config_flags.get_override_values(
         flags.FLAGS["config"]))
     if not_optional:

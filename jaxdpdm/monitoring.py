@@ -2,53 +2,108 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdpdm import sampling
+from jaxdpdm import sampling, storage
 from jaxdpdm.images import save_grid_png, to_uint8
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_INSTALL = "pip install 'jaxdpdm[tensorboard]'"
+
 
 class MetricsLogger:
-    """Writes scalars to TensorBoard (clu) and a one-line progress summary to the console.
+    """Writes scalars to the console, to `WORKDIR/metrics.jsonl` and, where the `tensorboard`
+    package is installed (`pip install 'jaxdpdm[tensorboard]'`), to TensorBoard event files.
+
+    `metrics.jsonl` holds one JSON object per logged step, `{"step": 3, "wall_time": unix
+    seconds, "loss": ...}`; a resumed run appends, so a step logged twice (before and after a
+    restart) appears twice and the later line is the one that counts. TensorBoard's own writer is
+    used without TensorFlow (its protobufs and file writer are part of the `tensorboard` package).
 
     Args:
-      workdir: TensorBoard event files go here.
+      workdir: the files go here (a local folder or a `gs://` URL).
       num_steps: the planned number of steps, for the ETA.
-      enabled: False on every process but the first of a multi-host job (they only log).
+      enabled: False on every process but the first of a multi-host job (they only print).
     """
 
     def __init__(self, workdir: str, num_steps: int, *, enabled: bool = True):
-        # clu's writers import TensorFlow; keep that import out of the library modules.
-        from clu import metric_writers
-
-        self._writer = metric_writers.create_default_writer(
-            workdir if enabled else None, just_logging=not enabled, asynchronous=False)
         self._num_steps = num_steps
         self._last_time = None
         self._last_step = None
+        self._jsonl = storage.join(workdir, METRICS_FILE) if enabled else None
+        self._events = _open_event_writer(workdir) if enabled else None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
-        scalars = dict(metrics)
+        scalars = {k: float(v) for k, v in metrics.items()}
         if self._last_time is not None and step > self._last_step:
             rate = (step - self._last_step) / (now - self._last_time)
             scalars["steps_per_sec"] = rate
             scalars["eta_minutes"] = (self._num_steps - step) / rate / 60.0
         self._last_time, self._last_step = now, step
-        self._writer.write_scalars(step, scalars)
-        self._writer.flush()
+        wall_time = time.time()
+        if self._jsonl is not None:
+            line = json.dumps({"step": int(step), "wall_time": wall_time, **scalars})
+            _append_line(self._jsonl, line)
+        if self._events is not None:
+            self._events.write(step, wall_time, scalars)
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()))
         print(f"[step {step}/{self._num_steps}] {shown}", flush=True)
 
     def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+
+
+def _append_line(path: str, line: str) -> None:
+    """Appends one line; object stores cannot append, so a remote file is rewritten whole."""
+    if storage.is_remote(path):
+        old = storage.read_text(path) if storage.exists(path) else ""
+        storage.write_text(path, old + line + "\n")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+class _EventWriter:
+    """Scalars as TensorBoard events through the `tensorboard` package's writer (no TensorFlow
+    needed; where TensorFlow is installed, tensorboard uses its file system layer)."""
+
+    def __init__(self, workdir: str, writer_cls, event_pb2, summary_pb2):
+        self._writer = writer_cls(workdir)
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+
+    def write(self, step: int, wall_time: float, scalars: dict[str, float]) -> None:
+        value = self._summary_pb2.Summary.Value
+        summary = self._summary_pb2.Summary(
+            value=[value(tag=tag, simple_value=number) for tag, number in scalars.items()])
+        self._writer.add_event(self._event_pb2.Event(wall_time=wall_time, step=int(step),
+                                                     summary=summary))
+        self._writer.flush()
+
+    def close(self) -> None:
         self._writer.close()
+
+
+def _open_event_writer(workdir: str) -> _EventWriter | None:
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        log.info("metrics go to %s; for TensorBoard event files too: %s",
+                 storage.join(workdir, METRICS_FILE), TENSORBOARD_INSTALL)
+        return None
+    return _EventWriter(workdir, EventFileWriter, event_pb2, summary_pb2)
 
 
 def _fmt(value: float) -> str:

@@ -35,10 +35,14 @@ def test_train_sample_evaluate(tmp_path):
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
 
     sample = _main(config, f"--workdir={workdir}", "--mode=sample",
-                   "--config.sample.num_samples=30", "--config.sample.batch_size=20")
+                   "--config.sample.num_samples=30", "--config.sample.batch_size=20",
+                   f"--config.sample.image_folder={workdir}/png")
     assert sample.returncode == 0, sample.stderr[-3000:]
     chunks = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert chunks == ["chunk_00000.npz", "chunk_00001.npz", "meta.json"]
+    classes = sorted(n for n in os.listdir(os.path.join(workdir, "png")) if not n.startswith("."))
+    assert classes == [str(k) for k in range(10)]
+    assert sum(len(os.listdir(os.path.join(workdir, "png", k))) for k in classes) == 30
 
     evaluate = _main(config, f"--workdir={workdir}", "--mode=evaluate",
                      "--config.eval.classifier_epochs=1")
@@ -133,3 +137,15 @@ def test_none_on_the_command_line_unsets_an_optional_field():
         assert bad == ["train.num_steps"]
     finally:
         os.chdir(cwd)
+
+
+def test_a_quoted_tilde_workdir_means_the_home_folder(tmp_path):
+    # `--workdir="~/x"` reaches the program unexpanded; it must not create a folder named "~".
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdpdm.main", f"--config={REPO}/configs/quickstart.py:tiny",
+         "--workdir=~/run", "--mode=sample"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path / "home"),
+                          "PYTHONPATH": REPO})
+    assert result.returncode == 2
+    assert f"no checkpoint in {tmp_path / 'home' / 'run'}" in result.stderr
+    assert not (tmp_path / "~").exists()

@@ -1,10 +1,12 @@
-"""MetricsLogger: TensorBoard scalars in the workdir and a console line with speed and ETA.
+"""MetricsLogger: a console line with speed and ETA, metrics.jsonl, and TensorBoard scalars.
 
 (GridWriter compiles a sampler; it is covered end to end by tests/test_train.py.)
 """
 
 import glob
+import json
 import os
+import sys
 import types
 
 import pytest
@@ -23,24 +25,29 @@ class FakeClock:
 
 
 def _event_scalars(workdir) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from the TensorBoard event files in `workdir`."""
-    import tensorflow as tf  # already imported by clu's writers
+    """{tag: {step: value}} from the TensorBoard event files in `workdir` (read without TF)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
 
     scalars: dict[str, dict[int, float]] = {}
     for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for event in EventFileLoader(path).Load():
             for value in event.summary.value:
-                number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
-                          else value.simple_value)
+                number = float(tensor_util.make_ndarray(value.tensor))
                 scalars.setdefault(value.tag, {})[event.step] = number
     return scalars
+
+
+def _jsonl(workdir) -> list[dict]:
+    with open(os.path.join(workdir, monitoring.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
 def clock(monkeypatch):
     def install(*readings):
-        monkeypatch.setattr(monitoring, "time",
-                            types.SimpleNamespace(perf_counter=FakeClock(*readings).perf_counter))
+        monkeypatch.setattr(monitoring, "time", types.SimpleNamespace(
+            perf_counter=FakeClock(*readings).perf_counter, time=lambda: 1.7e9))
     return install
 
 
@@ -52,6 +59,7 @@ def _progress(out: str) -> tuple[str, dict[str, float]]:
 
 
 def test_writes_scalars_to_tensorboard_and_a_progress_line(tmp_path, clock, capsys):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     clock(100.0, 104.0, 105.0)
     logger = monitoring.MetricsLogger(str(tmp_path), num_steps=10)
     logger.write(1, {"loss": 0.5})
@@ -70,6 +78,9 @@ def test_writes_scalars_to_tensorboard_and_a_progress_line(tmp_path, clock, caps
                                    "eta_minutes": 2.5 / 60}, rel=1e-3)
     logger.close()
 
+    assert [(r["step"], r["loss"]) for r in _jsonl(tmp_path)] == [(1, 0.5), (3, 0.25), (5, 0.125)]
+    assert _jsonl(tmp_path)[1]["clipped"] == 0.75
+    assert _jsonl(tmp_path)[2]["steps_per_sec"] == pytest.approx(2.0)
     scalars = _event_scalars(str(tmp_path))
     assert scalars["loss"] == {1: 0.5, 3: 0.25, 5: 0.125}
     assert scalars["steps_per_sec"] == pytest.approx({3: 0.5, 5: 2.0})
@@ -94,3 +105,24 @@ def test_disabled_logger_prints_but_writes_no_event_file(tmp_path, clock, capsys
     logger.close()
     assert _progress(capsys.readouterr().out) == ("[step 1/4]", {"loss": 2.0})
     assert os.listdir(tmp_path) == []
+
+
+def test_without_the_tensorboard_extra_metrics_still_reach_the_jsonl_file(
+        tmp_path, clock, capsys, monkeypatch, caplog):
+    # A None entry in sys.modules makes the import fail, as on a lean install.
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
+    clock(1.0, 3.0)
+    with caplog.at_level("INFO", logger="jaxdpdm.monitoring"):
+        logger = monitoring.MetricsLogger(str(tmp_path), num_steps=4)
+    assert "pip install 'jaxdpdm[tensorboard]'" in caplog.text
+    logger.write(1, {"loss": 2.0})
+    logger.write(2, {"loss": 1.0})
+    logger.close()
+    assert [(r["step"], r["loss"], r["wall_time"]) for r in _jsonl(tmp_path)] == [
+        (1, 2.0, 1.7e9), (2, 1.0, 1.7e9)]
+    assert _jsonl(tmp_path)[1]["steps_per_sec"] == pytest.approx(0.5)
+    assert not glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
+    # A resumed run appends to the same file.
+    clock(5.0)
+    monitoring.MetricsLogger(str(tmp_path), num_steps=4).write(3, {"loss": 0.5})
+    assert [r["step"] for r in _jsonl(tmp_path)] == [1, 2, 3]

@@ -69,6 +69,23 @@ def _dp_run(mesh, params, data):
             "unindexed": _flat(unindexed)}
 
 
+def test_steps_accept_raw_uint32_keys():
+    """Both steps take `jax.random.PRNGKey(t)` and make the update `jax.random.key(t)` makes."""
+    params, data = _setup()
+    mesh = parallel.make_data_mesh()
+    optimizer = _dp_optimizer()
+    dp_step = parallel.make_dp_step(_loss_fn, optimizer, clip_norm=1.0, microbatch_size=MICRO,
+                                    mesh=mesh)
+    pretrain_step = parallel.make_pretrain_step(_loss_fn, optax.adam(1e-2), mesh=mesh)
+    batch = jax.tree.map(lambda v: v[:CHUNK], data)
+    results = {}
+    for name, key in (("typed", jax.random.key(3)), ("raw", jax.random.PRNGKey(3))):
+        dp_params, _, _ = dp_step(params, optimizer.init(params), _chunks(data, 0), key)
+        plain_params, _, _ = pretrain_step(params, optax.adam(1e-2).init(params), batch, key)
+        results[name] = (_flat(dp_params), _flat(plain_params))
+    assert results["raw"] == results["typed"]
+
+
 def _dp_reference(params, data):
     """The same two steps without shard_map: clipped_grad_sum over each chunk, summed."""
     optimizer = _dp_optimizer()

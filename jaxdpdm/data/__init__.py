@@ -4,7 +4,8 @@
     dataset = load_dataset(spec)   # images uint8 [N, 28, 28, 1], labels int32 [N]
     print(dataset.summary())
 
-TensorFlow (for "tfds:<name>" datasets) is imported only when such a dataset is loaded.
+TensorFlow (for "tfds:<name>" datasets) is imported only when such a dataset is loaded; it comes
+with the `tfds` extra (`pip install 'jaxdpdm[tfds]'`).
 """
 
 from jaxdpdm.data.preprocessing import (convert_channels, filter_classes, from_model_range,

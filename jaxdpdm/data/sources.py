@@ -388,9 +388,23 @@ def _npz_contents(file: pathlib.Path, arrays: dict[str, np.ndarray]):
     names = tuple(str(n) for n in arrays["class_names"]) if "class_names" in arrays else None
     return images, labels.astype(np.int32), names
 
+TFDS_INSTALL = "pip install 'jaxdpdm[tfds]'"
+
+
+def _import_tfds(dataset_name: str):
+    """tensorflow_datasets, imported lazily (the package runs without TF); the `tfds` extra."""
+    try:
+        import tensorflow  # noqa: F401  (TFDS reads its files through TensorFlow)
+        import tensorflow_datasets
+    except ImportError as e:
+        raise ValueError(f"data.name={dataset_name!r} needs TensorFlow Datasets, which this "
+                         f"install lacks ({e.name or e}): {TFDS_INSTALL}") from e
+    return tensorflow_datasets
+
+
 def _prepared_tfds_builder(spec: DataSpec):
     """The TFDS builder for spec.name, prepared (downloading only if spec.download)."""
-    import tensorflow_datasets as tfds  # lazy: the package must import without TF
+    tfds = _import_tfds(spec.name)
 
     tfds_name = spec.name[len(_TFDS_PREFIX):]
     try:
@@ -412,7 +426,7 @@ def _prepared_tfds_builder(spec: DataSpec):
 
 def _iterate_tfds_batches(builder, split: str):
     """Yields (images uint8 `[b, H, W, C]`, labels int `[b]`) numpy batches in file order."""
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds(f"{_TFDS_PREFIX}{builder.name}")
 
     dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
     yield from tfds.as_numpy(dataset.batch(_TFDS_BATCH_SIZE))

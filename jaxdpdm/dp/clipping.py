@@ -106,18 +106,40 @@ def is_typed_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def as_typed_key(rng: Any) -> jax.Array:
+    """A typed key array from a typed key (returned as is) or raw uint32 key data.
+
+    Raw keys are what `jax.random.PRNGKey(seed)` returns: uint32 `[..., 2]` for the default
+    threefry implementation. `jax.random.wrap_key_data` turns them into typed keys with the same
+    bits, so `as_typed_key(jax.random.PRNGKey(s))` draws exactly what `jax.random.key(s)` draws.
+
+    Raises:
+      ValueError: `rng` is neither (e.g. a float array, an int seed, a wrongly shaped uint32 array).
+    """
+    if is_typed_key(rng):
+        return rng
+    dtype = getattr(rng, "dtype", None)
+    if dtype == jnp.uint32 and jnp.ndim(rng) >= 1:
+        try:
+            return jax.random.wrap_key_data(rng)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rng: uint32{list(jnp.shape(rng))} is not raw key data of the "
+                             f"default PRNG implementation ({e})") from e
+    raise ValueError("rng must be a PRNG key from jax.random.key(...) or jax.random.PRNGKey(...) "
+                     f"(got {dtype if dtype is not None else type(rng).__name__})")
+
+
 def per_example_keys(rng: jax.Array, batch: PyTree, batch_size: int,
                      offset: int | jax.Array = 0) -> jax.Array:
     """The RNG key of every row of a batch: key[B] typed keys.
 
-    With a scalar typed key, row i gets `fold_in(rng, batch["index"][i])` when the batch is a
-    mapping with an "index" field (the example's dataset position: the key then does not depend on
-    sharding, microbatching or padding position), else `fold_in(rng, offset + i)`. A [B] array of
-    typed keys is returned as is.
+    `rng` is a typed key (`jax.random.key`) or raw key data (`jax.random.PRNGKey`), converted by
+    `as_typed_key`. With a scalar key, row i gets `fold_in(rng, batch["index"][i])` when the batch
+    is a mapping with an "index" field (the example's dataset position: the key then does not
+    depend on sharding, microbatching or padding position), else `fold_in(rng, offset + i)`. A [B]
+    array of keys is returned (as typed keys) unchanged.
     """
-    if not is_typed_key(rng):
-        raise ValueError("rng must be a typed PRNG key from jax.random.key(...) "
-                         f"(got dtype {getattr(rng, 'dtype', type(rng))})")
+    rng = as_typed_key(rng)
     if rng.shape == (batch_size,):
         return rng
     if rng.shape != ():
@@ -176,8 +198,9 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
 
     Args:
       loss_fn: `loss_fn(params, example, rng) -> f32[]`, the loss of ONE example (a slice of
-        `batch` without the batch axis) under its own typed PRNG key. It must not look at other
-        examples (no BatchNorm across the batch).
+        `batch` without the batch axis) under its own typed PRNG key (a raw key given to
+        `grad_fn` is converted first). It must not look at other examples (no BatchNorm across
+        the batch).
       clip_norm: C > 0, the bound on each example's gradient norm; `math.inf` disables clipping
         (non-private use and tests only).
       microbatch_size: if given, the B rows are processed in B / microbatch_size sequential
@@ -194,7 +217,8 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
         params: the parameter pytree (any float dtype);
         batch: pytree whose leaves have a leading batch axis B;
         mask: bool[B], True for real examples, False for padding rows;
-        rng: a scalar typed key (per-example keys from `per_example_keys`) or key[B];
+        rng: a scalar key (per-example keys from `per_example_keys`) or key[B], typed
+          (`jax.random.key`) or raw uint32 (`jax.random.PRNGKey`; see `as_typed_key`);
       returning `grad_sum` (params-shaped float32 pytree: sum over real examples of clipped
       per-example gradients) and `ClipStats`.
     """

@@ -46,13 +46,16 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.pth` state dict with torch (tensors only, no pickled code) into numpy arrays."""
+    path = os.fspath(path)
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
-            "reading a .pth needs torch; install it, or convert the file once elsewhere with "
-            "`python -m jaxdpdm.evaluation.convert_inception_weights IN.pth OUT.npz`") from e
-    path = os.fspath(path)
+        # A ValueError, like every other unusable weights file: the command line prints one line.
+        raise ValueError(
+            f"reading {path!r} (a .pth) needs torch, which is not installed: `pip install torch`, "
+            "or convert the file once on a machine with torch "
+            "(`python -m jaxdpdm.evaluation.convert_inception_weights IN.pth OUT.npz`) and "
+            "point eval.inception_weights at the .npz") from e
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt archives
@@ -65,7 +68,8 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return state_dict_to_numpy(state_dict)
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -101,7 +105,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
     file is corrupt or renamed, which is logged as a warning.
     """
     in_path = os.fspath(in_path)
-    digest = _sha256(in_path)
+    digest = sha256(in_path)
     match = re.search(r"-([0-9a-f]{8,})\.pth?$", os.path.basename(in_path))
     if match and not digest.startswith(match.group(1)):
         logger.warning("%s: SHA-256 %s does not start with %s as its name says; corrupt file?",
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         digest = convert(args.in_path, args.out_path)
-    except (ValueError, ImportError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out_path} (input sha256 {digest})")

@@ -16,11 +16,12 @@ scaled to [-1, 1], as pytorch-fid does with `resize_input=True, normalize_input=
 Batch norm always uses the stored running statistics (eps = 1e-3): this is a frozen feature
 extractor, so a feature never depends on the other images in its batch.
 
-Weights: nothing is downloaded at run time. Get the standard file
-`pt_inception-2015-12-05-6726825d.pth` from pytorch-fid's GitHub release assets
-(https://github.com/mseitzer/pytorch-fid/releases, tag `fid_weights`) on a machine with
-internet, then either pass the `.pth` to `load_inception_params` (needs torch installed) or
-convert it once, so that evaluation needs no torch:
+Weights: this module loads local files only. `inception_weights.resolve` fetches the standard
+file once into a cache when asked (`eval.download_inception_weights`), verifies its SHA-256 and
+converts it. By hand: get `pt_inception-2015-12-05-6726825d.pth` from pytorch-fid's GitHub
+release assets (https://github.com/mseitzer/pytorch-fid/releases, tag `fid_weights`) on a
+machine with internet, then either pass the `.pth` to `load_inception_params` (needs torch
+installed) or convert it once, so that evaluation needs no torch:
 
     python -m jaxdpdm.evaluation.convert_inception_weights pt_inception-2015-12-05-6726825d.pth \
         fid_inception.npz
@@ -326,12 +327,13 @@ def load_inception_params(path: str | os.PathLike) -> dict:
       FileNotFoundError if `path` does not exist; ValueError for an unreadable, truncated or
       wrong file (naming the first offending parameter).
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception weights file {path!r} not found. Download "
             "pt_inception-2015-12-05-6726825d.pth from https://github.com/mseitzer/pytorch-fid/"
-            "releases (nothing is downloaded at run time).")
+            "releases, or unset eval.inception_weights and set "
+            "eval.download_inception_weights=True to fetch it on a machine with internet.")
     if path.endswith((".pth", ".pt")):
         from jaxdpdm.evaluation import convert_inception_weights  # torch is only needed here
         flat = convert_inception_weights.load_torch_state_dict(path)

@@ -3,8 +3,8 @@
 Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
 
 * FID against the real training split, through the JAX FID Inception, when
-  `eval.inception_weights` names a local weights file (reference statistics are cached in
-  `WORKDIR/eval/`);
+  `eval.inception_weights` names a local weights file or `eval.download_inception_weights` lets
+  the weights be fetched once into a cache (reference statistics are cached in `WORKDIR/eval/`);
 * downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
   synthetic validation split) and tested on the real test split, beside the same classifier
   trained on the real training data;
@@ -27,7 +27,7 @@ import numpy as np
 from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.data import load_dataset
-from jaxdpdm.evaluation import downstream, fid, inception
+from jaxdpdm.evaluation import downstream, fid, inception, inception_weights
 from jaxdpdm import storage
 from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
@@ -58,9 +58,12 @@ def _batches(images: np.ndarray, batch_size: int, show):
 
 
 def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
-                real_name: str) -> dict[str, Any]:
-    """FID between uint8 image sets `[N, H, W, C]`; the real statistics are cached by name."""
-    params = inception.load_inception_params(config.eval.inception_weights)
+                real_name: str, weights: str | None = None) -> dict[str, Any]:
+    """FID between uint8 image sets `[N, H, W, C]`; the real statistics are cached by name.
+
+    `weights`: the Inception weights file (default `config.eval.inception_weights`).
+    """
+    params = inception.load_inception_params(weights or config.eval.inception_weights)
     batch = config.eval.fid_batch_size
     features = inception.make_feature_fn(params, batch)
     cache = os.path.join(cache_dir, f"fid_stats_{real_name}.npz")
@@ -73,10 +76,9 @@ def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
             "reference": real_name, "reference_stats": cache}
 
 
-def _reference_name(config, dataset_name: str) -> str:
+def _reference_name(config, dataset_name: str, weights: str) -> str:
     """A cache name that changes whenever the reference images or the Inception weights do."""
-    identity = json.dumps({"data": config.data.to_dict(),
-                           "weights": os.path.abspath(config.eval.inception_weights)},
+    identity = json.dumps({"data": config.data.to_dict(), "weights": os.path.abspath(weights)},
                           sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return f"{dataset_name.replace('/', '_')}_{config.data.split}_{digest}"
@@ -104,9 +106,11 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
                                           "shape": list(images.shape[1:])},
                               "data": {"train": real_train.summary(), "test": real_test.summary()}}
 
-    if config.eval.inception_weights:
+    if config.eval.inception_weights or config.eval.download_inception_weights:
+        weights = inception_weights.resolve(config.eval.inception_weights,
+                                            download=config.eval.download_inception_weights)
         report["fid"] = compute_fid(config, images, real_train.images, out_dir,
-                                    _reference_name(config, real_train.name))
+                                    _reference_name(config, real_train.name, weights), weights)
     else:
         report["fid"] = None
 
@@ -146,7 +150,8 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"FID: {f['fid']:.2f} ({f['num_synthetic']} synthetic vs "
                      f"{f['num_real']} real, {f['reference']})")
     else:
-        lines.append("FID: not computed (set eval.inception_weights to a local weights file)")
+        lines.append("FID: not computed (set eval.inception_weights to a local weights file, or "
+                     "eval.download_inception_weights=True on a machine with internet)")
     lines.append(f"Downstream accuracy on the real test set, trained on synthetic data only: "
                  f"{d['synthetic_to_real_test_accuracy']:.4f}")
     if d.get("real_to_real_test_accuracy") is not None:

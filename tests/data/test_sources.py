@@ -1,6 +1,7 @@
 """Tests for jaxdpdm/data/sources.py: DataSpec, ImageDataset, and every source."""
 
 import pathlib
+import sys
 import types
 
 import numpy as np
@@ -215,6 +216,14 @@ def test_tfds_unprepared_dataset_gives_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no dataset 'no_such_dataset_xyz'"):
         load_dataset(DataSpec(name="tfds:no_such_dataset_xyz", image_size=8, channels=1,
                               data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("missing", ["tensorflow_datasets", "tensorflow"])
+def test_tfds_without_the_extra_names_the_pip_command(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # the import fails, as on a lean install
+    with pytest.raises(ValueError, match=r"'tfds:cifar10' needs TensorFlow Datasets.*"
+                                         r"pip install 'jaxdpdm\[tfds\]'"):
+        load_dataset(DataSpec(name="tfds:cifar10", image_size=32, channels=3))
 
 
 def test_tfds_batches_are_shaped_and_labelled(monkeypatch):

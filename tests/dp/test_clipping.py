@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpdm.dp import clipped_grad_sum, trainable_mask
+from jaxdpdm.dp import as_typed_key, clipped_grad_sum, trainable_mask
 
 DIM, HIDDEN, B = 8, 16, 12
 CLIP = 0.5
@@ -188,9 +188,29 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="multiple"):
         clipped_grad_sum(loss_fn, clip_norm=1.0, microbatch_size=5)(
             params, batch, np.ones(B, bool), KEY)
-    with pytest.raises(ValueError, match="typed PRNG key"):
-        GRAD_SUM(params, batch, np.ones(B, bool), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="PRNG key"):
+        GRAD_SUM(params, batch, np.ones(B, bool), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="raw key data"):
+        GRAD_SUM(params, batch, np.ones(B, bool), jnp.zeros(3, jnp.uint32))
     with pytest.raises(ValueError, match="bool"):
         GRAD_SUM(params, batch, np.ones(B, np.int32), KEY)
     with pytest.raises(ValueError, match="selects no parameter"):
         trainable_mask(params, "no_such_layer")
+
+
+def test_raw_uint32_keys_give_exactly_the_typed_key_result():
+    """`jax.random.PRNGKey(s)` (raw uint32[2]) and `jax.random.key(s)` draw the same bits."""
+    params, batch = init_mlp(3), make_batch(3)
+    mask = np.arange(B) < B - 2
+    grad_fn = jax.jit(clipped_grad_sum(loss_fn, clip_norm=CLIP, microbatch_size=4))
+    typed_sum, typed_stats = grad_fn(params, batch, mask, jax.random.key(7))
+    raw_sum, raw_stats = grad_fn(params, batch, mask, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(flat(raw_sum), flat(typed_sum))
+    np.testing.assert_array_equal(raw_stats.norms, typed_stats.norms)
+    # Per-row keys: raw uint32[B, 2] as well as typed key[B].
+    rows = jax.random.split(jax.random.key(8), B)
+    by_typed_rows, _ = grad_fn(params, batch, mask, rows)
+    by_raw_rows, _ = grad_fn(params, batch, mask, jax.random.key_data(rows))
+    np.testing.assert_array_equal(flat(by_raw_rows), flat(by_typed_rows))
+    assert not np.array_equal(flat(by_typed_rows), flat(typed_sum))  # the keys do matter
+    assert as_typed_key(jax.random.PRNGKey(7)).dtype == jax.random.key(7).dtype

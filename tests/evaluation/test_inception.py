@@ -6,6 +6,7 @@ loaded with random weights.
 """
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +154,11 @@ def test_pth_loading_equals_npz_loading(random_flat, tmp_path):
     from_pth = inception.flat_from_variables(inception.load_inception_params(pth))
     for name, value in from_pth.items():
         np.testing.assert_array_equal(value, random_flat[name])
+
+
+def test_a_pth_without_torch_is_a_one_line_value_error(tmp_path, monkeypatch):
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(b"not a torch archive")
+    monkeypatch.setitem(sys.modules, "torch", None)  # the import fails, as where torch is absent
+    with pytest.raises(ValueError, match=r"needs torch.*pip install torch.*convert"):
+        inception.load_inception_params(garbage)
