@@ -70,8 +70,11 @@ def get_config(arg=None):
     config.data.public_fraction = 0.0
     config.data.subset = "all"
     config.data.split_seed = 0
-    # The split used as the real test set by --mode=evaluate.
+    # The real test set of --mode=evaluate: another split of the same source (digits, IDX,
+    # TFDS), or, for sources without splits (image_folder, npz), a separate folder or file laid
+    # out like data_dir. It must not be the training data.
     config.data.test_split = "test"
+    config.data.test_dir = config_dict.placeholder(str)
 
     # --- model (fields of jaxdpdm.models.unet.UNetConfig; image size, channels and number of
     # classes come from the data) ---
@@ -165,6 +168,17 @@ def get_config(arg=None):
     return config
 
 
+# JAX keys keep only the low 32 bits of an integer seed (with 64-bit mode off, the default), so
+# seed 2**32 + k would silently reuse seed k's randomness.
+MAX_SEED = 2**32 - 1
+# Calibrating sigma with the PLD accountant costs a few accountant evaluations whose time grows
+# with the number of steps. Measured on a loaded 2-core CPU (load average 11-14), q = 16/1442,
+# epsilon 10: 10^5 steps 5.6 s, 10^6 steps 41 s, 3*10^6 steps 300 s (one evaluation 47 s), and
+# 10^7 steps had not finished after 8 minutes; the budget checks during training evaluate it again.
+# Longer DP runs use the RDP accountant (under a second at any step count).
+MAX_PLD_STEPS = 10**6
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"invalid config: {message}")
@@ -173,8 +187,9 @@ def _check(condition: bool, message: str) -> None:
 def validate_config(config) -> None:
     """Raises ValueError naming the first field whose value is out of range."""
     _check(config.phase in PHASES, f"phase must be one of {PHASES}, got {config.phase!r}")
-    _check(config.seed is None or (isinstance(config.seed, int) and config.seed >= 0),
-           "seed must be unset (drawn secretly) or an integer >= 0")
+    _check(config.seed is None or (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED),
+           f"seed must be unset (drawn secretly) or an integer in [0, 2**32 - 1], got "
+           f"{config.seed} (JAX keys keep only 32 bits of a seed)")
 
     data = config.data
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
@@ -213,6 +228,11 @@ def validate_config(config) -> None:
                f"dp.noise_multiplier must be > 0 in a DP run (or unset, to calibrate it), got "
                f"{p.noise_multiplier}; use phase='pretrain' for non-private training")
         _check(p.accountant in ACCOUNTANTS, f"dp.accountant must be one of {ACCOUNTANTS}")
+        _check(p.accountant != "pld" or t.num_steps <= MAX_PLD_STEPS,
+               f"train.num_steps={t.num_steps:,} is more than {MAX_PLD_STEPS:,} DP steps: the PLD "
+               f"accountant would take from many minutes to hours to calibrate and check the "
+               f"budget at that length (3*10^6 steps: 5 minutes for the calibration alone); if "
+               f"you mean it, set dp.accountant='rdp' (fast at any length, slightly looser)")
 
     s = config.sample
     _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}")
@@ -220,6 +240,8 @@ def validate_config(config) -> None:
            "sample.ddim_steps must be in [1, diffusion.num_timesteps]")
     _check(s.eta >= 0, "sample.eta must be >= 0")
     _check(s.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
+    _check(isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
+           f"sample.seed must be an integer in [0, 2**32 - 1], got {s.seed}")
     _check(s.num_samples >= 1 and s.batch_size >= 1,
            "sample.num_samples and sample.batch_size must be >= 1")
 

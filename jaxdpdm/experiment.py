@@ -99,6 +99,7 @@ def data_spec(config, split: str | None = None) -> DataSpec:
     """
     fields = config.data.to_dict()
     fields.pop("test_split", None)
+    fields.pop("test_dir", None)
     if split is not None and split != fields["split"]:
         fields.update(split=split, subset="all", public_fraction=0.0, max_examples=None)
     if fields.get("classes") is not None:

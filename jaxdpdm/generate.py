@@ -2,20 +2,26 @@
 
 Sampling is post-processing of the DP model: it spends no privacy budget, however many images
 are drawn. Samples go to `WORKDIR/samples/chunk_*.npz` (resumable) with a grid PNG beside them,
-and with `sample.image_folder` set also to PNGs in one sub-folder per class.
+and with `sample.image_folder` set also to PNGs in one sub-folder per class. `samples/meta.json`
+records the checkpoint step they were drawn from. Sampling a run that is still training warns;
+when training has moved on since the samples were drawn, they are moved to
+`WORKDIR/samples_step<N>/` and the newest checkpoint is sampled afresh.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any
 
 import jax
 
-from jaxdpdm import parallel, sampling
+from jaxdpdm import parallel, sampling, storage
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir
 from jaxdpdm.config import validate_config
+from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import Experiment, build_experiment
 from jaxdpdm.models import unet
 
@@ -51,12 +57,72 @@ def load_trained(config, workdir: str) -> tuple[Experiment, Any, dict]:
     return exp, params, meta
 
 
+def unfinished_run_note(meta: dict, workdir: str) -> str | None:
+    """Why checkpoint `meta["step"]` is not the run's final model, or None when it is (or when
+    the checkpoint does not say how long the run was meant to be).
+
+    A run is finished at `train.num_steps` of its own config, or earlier when its privacy
+    report says the budget stopped it at this step.
+    """
+    try:
+        target = json.loads(meta["config"])["train"]["num_steps"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    step = meta["step"]
+    if step >= target:
+        return None
+    report_path = os.path.join(workdir, PRIVACY_JSON)
+    if os.path.exists(report_path):
+        report = json.loads(storage.read_text(report_path))
+        if (report.get("training", {}).get("stopped_by_budget")
+                and report.get("mechanism", {}).get("steps") == step):
+            return None
+    return (f"checkpoint step {step} is from an unfinished run (train.num_steps={target}): "
+            "the model is still training")
+
+
+def archive_stale_samples(workdir: str, step: int) -> str | None:
+    """Moves `workdir/samples` aside when it was drawn from another checkpoint than `step`.
+
+    Returns:
+      The folder the old samples were moved to (`samples_step<their step>`), or None.
+    """
+    samples_dir = os.path.join(workdir, "samples")
+    meta_path = os.path.join(samples_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        old_step = json.load(f).get("checkpoint_step")
+    if old_step is None or old_step == step:
+        return None
+    archive = os.path.join(workdir, f"samples_step{old_step:06d}")
+    suffix = 1
+    while os.path.exists(archive):
+        archive = os.path.join(workdir, f"samples_step{old_step:06d}_{suffix}")
+        suffix += 1
+    os.replace(samples_dir, archive)
+    grid = os.path.join(workdir, "samples_grid.png")
+    if os.path.exists(grid):
+        os.replace(grid, os.path.join(archive, "samples_grid.png"))
+    return archive
+
+
 def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     """Generates `sample.num_samples` class-balanced images from the workdir's EMA model."""
     validate_config(config)
     if jax.process_count() > 1:
         raise ValueError("--mode=sample runs on a single host; use one host of the pod")
     exp, params, meta = load_trained(config, workdir)
+    workdir = storage.ensure_writable_dir(workdir)  # ValueError naming it when read-only
+    note = unfinished_run_note(meta, workdir)
+    if note:
+        log.warning("%s; run --mode=sample again when training has finished (it replaces "
+                    "these samples)", note)
+    archived = archive_stale_samples(workdir, meta["step"])
+    if archived:
+        log.warning("training moved on since the samples in %s were drawn: moved them to %s; "
+                    "sampling checkpoint step %d", os.path.join(workdir, "samples"), archived,
+                    meta["step"])
     s, u = config.sample, exp.unet_config
     mesh = parallel.make_data_mesh()
     if s.batch_size % mesh.size:

@@ -301,6 +301,10 @@ def _write_npz_atomic(path: str, **arrays) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)  # readers and resumed runs never see a partial chunk
+    except OSError as e:  # a full disk: name the file (writes through a descriptor do not)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, e.filename or path) from e
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -313,8 +317,11 @@ def _check_or_write_meta(samples_dir: str, meta: dict) -> None:
         with open(path) as f:
             existing = json.load(f)
         if existing != meta:
+            changed = ", ".join(f"{key}: {existing.get(key)!r} there, {meta.get(key)!r} now"
+                                for key in sorted(set(existing) | set(meta))
+                                if existing.get(key) != meta.get(key))
             raise ValueError(f"{samples_dir} holds samples made with different settings "
-                             f"{existing}, not {meta}; use another out_dir")
+                             f"({changed}); move or delete it to sample with these settings")
         return
     fd, tmp = tempfile.mkstemp(dir=samples_dir, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:

@@ -88,8 +88,8 @@ def plan_dp(config, num_examples: int, num_devices: int, ledger: accounting.Priv
     else:
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=p.target_epsilon, delta=p.delta, sampling_rate=q,
-            steps=t.num_steps - ledger.total_steps, accountant=p.accountant,
-            num_examples=num_examples)
+            steps=t.num_steps - ledger.total_steps, accountant=p.accountant)
+        # (no num_examples: the ledger already warned if delta >= 1/N; the report states it)
         calibrated = True
     # One chunk is one microbatch per device: a Poisson draw becomes ceil(n / chunk) calls of
     # the same compiled program, the last one padded. Looping over microbatches on the host

@@ -91,3 +91,28 @@ def load_config(path: str, variant: str | None = None):
 def tiny_config():
     """A factory of fresh quickstart ":tiny" configs (3 DP steps on 8x8 digits, seed 0)."""
     return lambda: load_config("configs/quickstart.py", "tiny")
+
+
+def save_fake_checkpoint(workdir, config, *, step: int, num_classes: int = 10,
+                         fill: float = 0.5) -> None:
+    """Writes checkpoint `step` of `config`'s model into `workdir` without compiling anything:
+    every parameter is `fill`, and the meta records `config` like a training run's."""
+    import jax
+    import numpy as np
+
+    from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore
+    from jaxdpdm.experiment import build_experiment
+
+    shapes = jax.eval_shape(build_experiment(config, num_classes=num_classes).init_params)
+    params = jax.tree.map(lambda s: np.full(s.shape, fill, s.dtype), shapes)
+    store = CheckpointStore(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    state = {"step": np.asarray(step, np.int32), "params": params, "ema_params": params}
+    store.save(step, state, {"num_classes": num_classes, "phase": config.phase,
+                             "config": config.to_json()})
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def fake_checkpoint():
+    """`save(workdir, config, *, step, num_classes=10, fill=0.5)`: see `save_fake_checkpoint`."""
+    return save_fake_checkpoint

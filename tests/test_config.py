@@ -139,6 +139,13 @@ INVALID = [
     ("eval.classifier", "resnet", "eval.classifier"),
     ("eval.augment", "autoaugment", "eval.augment"),
     ("eval.classifier_epochs", 0, "eval.classifier_epochs"),
+    # JAX keys keep 32 bits of a seed: 2**32 would silently reuse seed 0's randomness, and
+    # 10**23 overflowed inside jax.random.key with a traceback.
+    ("seed", 2**32, "seed"),
+    ("seed", 10**23, "seed"),
+    ("sample.seed", 2**32, "sample.seed"),
+    # 10**8 DP steps used to calibrate sigma in silence for hours (PLD accountant).
+    ("train.num_steps", 10**8, "dp.accountant='rdp'"),
 ]
 
 
@@ -167,9 +174,18 @@ def test_dp_fields_are_not_checked_when_pretraining(field, value):
     ("seed", 0), ("dp.noise_multiplier", 1e-3), ("dp.clip_norm", math.inf),
     ("diffusion.label_dropout", 0.0), ("train.ema_decay", 0.0), ("train.warmup_steps", 0),
     ("sample.ddim_steps", 1000), ("sample.sampler", "ddpm"), ("diffusion.schedule", "cosine"),
-    ("dp.accountant", "rdp"), ("data.channels", 3),
+    ("dp.accountant", "rdp"), ("data.channels", 3), ("seed", 2**32 - 1),
+    ("train.num_steps", config_lib.MAX_PLD_STEPS),
 ])
 def test_boundary_values_are_accepted(field, value):
     config = config_lib.get_config()
     _set(config, field, value)
     config_lib.validate_config(config)
+
+
+def test_long_dp_runs_are_allowed_with_the_rdp_accountant_and_when_pretraining():
+    for phase, accountant in (("dp", "rdp"), ("pretrain", "pld")):
+        config = config_lib.get_config()
+        config.phase, config.dp.accountant = phase, accountant
+        config.train.num_steps = 10**8
+        config_lib.validate_config(config)

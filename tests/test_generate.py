@@ -4,6 +4,8 @@ Sampling itself is covered end to end by tests/test_main.py. The checkpoints her
 from parameter *shapes* (`jax.eval_shape`), so nothing is compiled.
 """
 
+import json
+import logging
 import os
 
 import jax
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdpdm import checkpoint, generate
+from jaxdpdm.evaluation import report
 from jaxdpdm.experiment import build_experiment
 
 
@@ -59,3 +62,68 @@ def test_load_trained_refuses_a_checkpoint_of_another_model(tmp_path, tiny_confi
     config.model.base_channels = 16  # not the model that was trained
     with pytest.raises(ValueError, match="does not fit the model"):
         generate.load_trained(config, str(tmp_path))
+
+
+# --- sampling an unfinished run, and again after training moved on ----------------------------
+
+@pytest.fixture
+def gray_sampler(monkeypatch):
+    """Replaces the compiled sampler by one that returns mid-gray images (nothing compiles)."""
+    def make_sample_fn(apply_fn, params, schedule, *, image_shape, **kwargs):
+        return lambda key, labels: np.zeros((len(labels), *image_shape), np.float32)
+
+    monkeypatch.setattr(generate.sampling, "make_sample_fn", make_sample_fn)
+
+
+def _sample_config(tiny_config):
+    config = tiny_config()
+    config.sample.num_samples, config.sample.batch_size = 8, 4
+    return config
+
+
+def test_sampling_an_unfinished_run_warns_and_records_the_step(tmp_path, tiny_config,
+                                                               fake_checkpoint, gray_sampler,
+                                                               caplog):
+    config = _sample_config(tiny_config)  # train.num_steps = 3
+    fake_checkpoint(str(tmp_path), config, step=2)
+    with caplog.at_level(logging.WARNING, logger="jaxdpdm.generate"):
+        generate.sample_from_workdir(config, str(tmp_path))
+    assert "checkpoint step 2 is from an unfinished run (train.num_steps=3)" in caplog.text
+    meta = json.loads((tmp_path / "samples" / "meta.json").read_text())
+    assert meta["checkpoint_step"] == 2
+
+
+def test_sampling_again_after_training_moved_on_replaces_the_old_samples(
+        tmp_path, tiny_config, fake_checkpoint, gray_sampler, caplog):
+    """This used to fail ("different settings") until samples/ was deleted by hand."""
+    config = _sample_config(tiny_config)
+    fake_checkpoint(str(tmp_path), config, step=2)
+    generate.sample_from_workdir(config, str(tmp_path))
+    fake_checkpoint(str(tmp_path), config, step=3)  # training finished
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxdpdm.generate"):
+        summary = generate.sample_from_workdir(config, str(tmp_path))
+    assert "unfinished" not in caplog.text and "moved them to" in caplog.text
+    assert summary.num_generated == 2 and summary.num_reused == 0
+    assert json.loads((tmp_path / "samples" / "meta.json").read_text())["checkpoint_step"] == 3
+    archived = tmp_path / "samples_step000002"
+    assert json.loads((archived / "meta.json").read_text())["checkpoint_step"] == 2
+    assert sorted(p.name for p in archived.glob("chunk_*.npz")) == ["chunk_00000.npz",
+                                                                    "chunk_00001.npz"]
+    # A workdir whose checkpoints are lost still shows that these samples were released.
+    assert {"samples", "samples_grid.png", "samples_step000002"} <= set(
+        report.release_traces(str(tmp_path)))
+    # The same checkpoint again: the samples are reused, nothing is moved.
+    again = generate.sample_from_workdir(config, str(tmp_path))
+    assert again.num_reused == 2 and not (tmp_path / "samples_step000003").exists()
+
+
+def test_a_run_stopped_by_its_budget_is_finished(tmp_path, tiny_config, fake_checkpoint):
+    config = tiny_config()
+    fake_checkpoint(str(tmp_path), config, step=2)
+    meta = {"config": config.to_json(), "step": 2}
+    assert "unfinished" in generate.unfinished_run_note(meta, str(tmp_path))
+    (tmp_path / "privacy_report.json").write_text(json.dumps(
+        {"training": {"stopped_by_budget": True}, "mechanism": {"steps": 2}}))
+    assert generate.unfinished_run_note(meta, str(tmp_path)) is None
+    assert generate.unfinished_run_note({"config": config.to_json(), "step": 3}, "/none") is None

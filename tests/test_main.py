@@ -1,5 +1,6 @@
 """The command line, end to end: train, sample and evaluate on the embedded digits."""
 
+import errno
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from jaxdpdm.checkpoint import CheckpointStore
@@ -149,3 +151,100 @@ def test_a_quoted_tilde_workdir_means_the_home_folder(tmp_path):
     assert result.returncode == 2
     assert f"no checkpoint in {tmp_path / 'home' / 'run'}" in result.stderr
     assert not (tmp_path / "~").exists()
+
+
+# --- one-line errors: the config file and its overrides (parsed before any jax import) --------
+
+@pytest.mark.parametrize("config, message", [
+    (["--config=configs/quickstart.py:tiny", "--config.train.nm_steps=3"],
+     "unknown config field --config.train.nm_steps (did you mean --config.train.num_steps?)"),
+    (["--config=configs/quickstart.py:tiny", "--config.nonsense=1"],
+     "unknown config field --config.nonsense"),
+    (["--config=configs/missing.py"], "cannot load the config file: [Errno 2] No such file"),
+    (["--config=SYNTAX"], "broken.py line 2: '{' was never closed"),
+    (["--config=configs/quickstart.py:huge"], "unknown quickstart variant 'huge'"),
+])
+def test_config_file_and_field_errors_are_one_line(tmp_path, config, message):
+    if config == ["--config=SYNTAX"]:
+        (tmp_path / "broken.py").write_text("def get_config():\n    return {\n")
+        config = [f"--config={tmp_path / 'broken.py'}"]
+    result = _main(*config, f"--workdir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- one-line errors: full disks and read-only paths ------------------------------------------
+
+# What orbax raised on a real full disk (a 600 KiB tmpfs) while saving checkpoint 2.
+_TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing local file "/mnt/full/run/checkpoints/2.orbax-checkpoint-'
+    'tmp/state.orbax-checkpoint-tmp/_sharding": Failed writing: "/mnt/full/run/checkpoints/2.'
+    'orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/_sharding.__lock": Failed to write 128710 '
+    "bytes to file 12: No space left on device [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ValueError(_TENSORSTORE_ENOSPC),
+     "no space left on device writing checkpoint 2 in /mnt/full/run/checkpoints; free space"),
+    (OSError(errno.ENOSPC, "No space left on device", "/w/samples/chunk_00003.npz"),
+     "no space left on device writing /w/samples/chunk_00003.npz; free space"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/samples"),
+     "read-only file system writing /ro/samples"),
+    (OSError(errno.ENOSPC, "No space left on device"), "writing --workdir /w"),
+    (ValueError("dp.delta must be in (0, 1)"), None),
+    (OSError(errno.EIO, "Input/output error", "/w/x"), None),
+])
+def test_environment_errors_become_one_line_naming_the_path(error, expected):
+    from jaxdpdm import main
+
+    line = main.describe_environment_error(error, "/w")
+    if expected is None:
+        assert line is None
+    else:
+        assert expected in line and "\n" not in line
+
+
+def test_a_real_full_disk_during_a_checkpoint_save_is_described(tmp_path):
+    """Mounts a 256 KiB tmpfs (needs root; skipped elsewhere) and saves 1 MiB into it."""
+    from jaxdpdm import main
+    from jaxdpdm.checkpoint import CheckpointStore
+
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        store = CheckpointStore(str(mount_point / "checkpoints"))
+        with pytest.raises((ValueError, OSError)) as error:
+            noise = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+            store.save(2, {"w": noise}, {"step": 2})  # incompressible 1 MiB
+        line = main.describe_environment_error(error.value, str(mount_point))
+        assert line is not None and line.startswith("no space left on device writing")
+        assert str(mount_point) in line and "\n" not in line
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_sample_into_a_read_only_workdir_is_one_line(tmp_path, tiny_config, fake_checkpoint):
+    """The real command line, with the filesystem's EROFS simulated (root ignores chmod)."""
+    workdir = tmp_path / "run"
+    fake_checkpoint(str(workdir), tiny_config(), step=3)
+    code = f"""
+import errno, sys
+from etils import epath
+def read_only(self, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", str(self))
+epath.Path.write_text = epath.Path.write_bytes = read_only
+from jaxdpdm.main import run
+sys.argv = ["jaxdpdm", "--config=configs/quickstart.py:tiny", "--workdir={workdir}",
+            "--mode=sample"]
+run()
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not writable" in errors[0] and str(workdir) in errors[0]
+    assert "Read-only file system" in errors[0] and "Traceback" not in result.stderr

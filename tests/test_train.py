@@ -313,3 +313,16 @@ def test_no_restorable_checkpoint_is_one_clear_error(tmp_path, tiny_config, fini
     assert "\n" not in str(info.value)
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3"]  # nothing deleted or renamed
     assert not (wd / LOCK_NAME).exists()
+
+
+def test_delta_of_at_least_one_over_n_warns_once_when_a_run_starts(tiny_config):
+    """The ledger and the calibration used to warn about delta >= 1/N twice."""
+    from jaxdpdm.train import plan_dp
+
+    config = tiny_config()
+    config.dp.delta, config.dp.accountant = 0.01, "rdp"  # rdp: PLD at this small sigma is slow
+    with pytest.warns(UserWarning) as caught:
+        ledger = accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
+                                          accountant="rdp", num_examples=100)
+        plan_dp(config, 100, 1, ledger, None)
+    assert sum("1/N" in str(w.message) for w in caught) == 1

@@ -7,9 +7,19 @@
 Class names are the sorted sub-folder names (label i = i-th name), so the labelling does
 not depend on the file system's listing order. Hidden entries (".DS_Store", ".git") and
 files whose extension is not PNG/JPEG are ignored. Every image is converted to the
-requested channel count with PIL (RGBA/palette -> RGB drops alpha; RGB -> L uses PIL's
+requested channel count with PIL (palette -> RGB/L through its palette; RGB -> L uses PIL's
 luma), center-cropped to a square and resized with the rule in
 `jaxdpdm.data.preprocessing`.
+
+Pixel formats (PIL modes): 8-bit ones ("1", "L", "P", "RGB", "CMYK", "YCbCr") convert
+directly. 16-bit grayscale ("I;16*", and "I" from a 16-bit PNG) is scaled to 0..255 by
+round(v * 255 / 65535), not clipped (PIL itself reduces 16-bit RGB PNGs to their high
+byte). An alpha channel ("LA", "PA", "RGBA", a palette or gray image with a transparent
+colour) is dropped when every pixel is opaque; an image with transparent pixels is
+refused, since the colour under them is undefined (flatten it onto a background first).
+Floating-point ("F") and other 32-bit integer images have no standard range and are
+refused. Refused and unreadable images both raise `ValueError` naming the file (or are
+skipped and counted with skip_corrupt=True).
 """
 
 from __future__ import annotations
@@ -71,6 +81,34 @@ def list_image_files(root: str | pathlib.Path) -> tuple[tuple[str, ...], list[li
     return tuple(class_dir.name for class_dir in class_dirs), files_per_class
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """`image` in a PIL mode with 8 bits per channel and no alpha (rules in the module docstring).
+
+    Raises:
+      ValueError: floating-point or out-of-range integer pixels, or transparent pixels.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
+        # 16-bit grayscale (Pillow opens 16-bit PNGs as "I;16", older versions as "I").
+        levels = np.asarray(image).astype(np.int64)
+        if levels.min() < 0 or levels.max() > 65535:
+            raise ValueError(f"mode {mode} pixels outside the 16-bit range 0..65535")
+        return Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if mode in ("I", "F"):
+        kind = "floating-point" if mode == "F" else "32-bit integer"
+        raise ValueError(f"{kind} pixels (mode {mode}) have no standard range; save the image "
+                         "as 8- or 16-bit PNG or as JPEG")
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or image.has_transparency_data:
+        with_alpha = image.convert("RGBA" if mode not in ("LA", "La") else "LA")
+        alpha = np.asarray(with_alpha)[..., -1]
+        if alpha.min() < 255:
+            raise ValueError(f"{int((alpha < 255).sum())} of {alpha.size} pixels are "
+                             f"transparent (mode {mode}), and the colour under them is undefined; "
+                             "flatten the image onto a background first")
+        return with_alpha.convert("L" if with_alpha.mode == "LA" else "RGB")
+    return image
+
+
 def read_image(path: pathlib.Path, *, image_size: int, channels: int) -> np.ndarray:
     """Decodes one image file to uint8 `[image_size, image_size, channels]`.
 
@@ -86,7 +124,7 @@ def read_image(path: pathlib.Path, *, image_size: int, channels: int) -> np.ndar
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # PIL decodes lazily; force it so truncation shows up here.
-                converted = image.convert(mode)
+                converted = to_8bit(image).convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error

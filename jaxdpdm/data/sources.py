@@ -343,8 +343,7 @@ def _load_npz(spec: DataSpec) -> ImageDataset:
     images, labels, skipped, class_names = [], [], [], None
     for file in files:
         try:
-            with np.load(file, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
+            arrays = _read_npz(file)
         except (OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
             # Only unreadable files may be skipped; readable ones with wrong contents
             # (below) always raise, since that is a pipeline bug rather than a bad file.
@@ -356,17 +355,60 @@ def _load_npz(spec: DataSpec) -> ImageDataset:
         if names is not None and class_names is not None and names != class_names:
             raise ValueError(f"{file}: class_names {names} differ from the earlier files' "
                              f"{class_names}")
+        if images and file_images.shape[1:] != images[0].shape[1:]:
+            raise ValueError(f"{file}: images of shape {file_images.shape[1:]}, but {files[0]} "
+                             f"has {images[0].shape[1:]}; the files of an npz folder must hold "
+                             "images of one shape")
         class_names = class_names or names
         images.append(file_images)
         labels.append(file_labels)
     if not images:
         raise ValueError(f"npz data {path}: all {len(skipped)} files are unreadable")
     labels = np.concatenate(labels)
-    num_classes = len(class_names) if class_names else int(labels.max(initial=-1)) + 1
+    if not labels.size:
+        raise ValueError(f"npz data {path} holds 0 images")
+    if class_names:
+        num_classes = len(class_names)
+        if labels.max() >= num_classes:
+            raise ValueError(f"npz data {path}: label {labels.max()} but only {num_classes} "
+                             f"class_names {list(class_names)}")
+    else:
+        num_classes = int(labels.max()) + 1
+        missing = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
+        if missing.size and spec.classes is None:
+            raise ValueError(
+                f"npz data {path}: labels run to {num_classes - 1} but classes "
+                f"{_short_list(missing)} have no examples, which would make {num_classes} "
+                f"classes; store 'class_names' in the file to declare empty classes, or set "
+                f"data.classes to the labels to keep (they are relabelled 0..k-1)")
     return ImageDataset(np.concatenate(images), labels, num_classes,
                         class_names or tuple(str(c) for c in range(num_classes)), spec.name,
                         f"npz {path} ({len(files)} file{'s' * (len(files) > 1)})",
                         num_skipped=len(skipped), skipped_files=tuple(skipped))
+
+
+def _short_list(values, limit: int = 10) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
+
+
+def _read_npz(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """The arrays of one .npz archive (a zip of .npy files).
+
+    Raises:
+      ValueError: the file is not an npz archive (np.load would call random bytes "pickled
+        data"), or one of its arrays cannot be read.
+    """
+    with open(file, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise ValueError("this is a single .npy array, not an .npz archive with 'images' and "
+                         "'labels' (write it with np.savez)")
+    if not head.startswith(b"PK"):
+        raise ValueError("not an .npz archive (no zip signature; empty, truncated or another "
+                         "format)")
+    with np.load(file, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
 
 
 def _npz_contents(file: pathlib.Path, arrays: dict[str, np.ndarray]):

@@ -17,7 +17,9 @@ full computation per step (see `PrivacyLedger`).
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 import warnings
 from typing import Any
 
@@ -25,7 +27,11 @@ import dp_accounting
 from dp_accounting import pld, rdp
 from scipy import optimize, stats
 
+log = logging.getLogger(__name__)
+
 ACCOUNTANTS = ("pld", "rdp")
+# During a calibration, one progress line at most this often (long PLD runs take minutes).
+_PROGRESS_EVERY_S = 10.0
 PLD_DISCRETIZATION = 1e-4
 _PLD_FULL_RESOLUTION_SIGMA = 0.5
 # Calibration precision on sigma (absolute). The result is always on the safe side of the target.
@@ -167,15 +173,29 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
     The result sigma* always satisfies epsilon(sigma*) <= target_epsilon with the same accountant
     (checked, and nudged up if the root finder landed on the wrong side). Typical cost: ~10
     accountant evaluations near the answer (the reference setting: well under a second on a CPU).
+    PLD evaluations slow down with the step count (about a minute per calibration at 10^6
+    steps), so progress is logged every ~10 s.
     """
     target = _check_epsilon(target_epsilon)
     q, steps = _check_rate(sampling_rate), _check_steps(steps)
     delta, accountant = _check_delta(delta, num_examples), _check_accountant(accountant)
     if steps == 0:
         return 0.0
+    log.info("calibrating the noise multiplier: epsilon=%g at delta=%g over %d steps at "
+             "q=%.4g (%s accountant)", target, delta, steps, q, accountant)
+    start = last_report = time.perf_counter()
+    evaluations = 0
 
     def gap(sigma: float) -> float:  # increasing epsilon <=> decreasing sigma
-        return _phases_epsilon([(sigma, q, steps)], delta, accountant) - target
+        nonlocal evaluations, last_report
+        spent = _phases_epsilon([(sigma, q, steps)], delta, accountant)
+        evaluations += 1
+        now = time.perf_counter()
+        if now - last_report >= _PROGRESS_EVERY_S:
+            last_report = now
+            log.info("calibrating: sigma=%.4f gives epsilon=%.4f (target %g); %d accountant "
+                     "evaluations, %.0f s so far", sigma, spent, target, evaluations, now - start)
+        return spent - target
 
     # Bracket the root, [low, high] with gap(low) > 0 >= gap(high), around the Gaussian-DP (CLT)
     # estimate, so the accountant is only evaluated near the answer: small sigmas are the slow

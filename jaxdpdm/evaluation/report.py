@@ -18,7 +18,7 @@ EARLIER_JSON = "privacy_report.earlier-{}.json"
 _EARLIER = re.compile(r"privacy_report\.earlier-(\d+)\.json$")
 # Names in a workdir that show an earlier DP run released something (reports, sample grids,
 # generated samples, evaluations); TensorBoard logs and checkpoints are not releases.
-_RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples|eval)$")
+_RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples.*|eval)$")
 
 
 def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_trainable: int,
@@ -40,6 +40,7 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
     earlier = list(earlier_releases or [])
     report = {
         "guarantee": {
+            **delta_check(ledger.delta, num_examples),
             "epsilon_pld": ledger.spent_epsilon("pld"),
             "epsilon_rdp": ledger.spent_epsilon("rdp"),
             # The ledger's own values: on resume they are the checkpoint's, whatever the config.
@@ -128,6 +129,18 @@ def archive_earlier_reports(workdir: str, traces: list[str]) -> list[dict]:
     return releases
 
 
+def delta_check(delta: float, num_examples: int) -> dict[str, Any]:
+    """Whether delta is too large for N examples to mean anything, with the reason in words.
+
+    Returns {"delta_at_least_1_over_n": bool, "delta_warning": str or None}.
+    """
+    weak = delta >= 1.0 / num_examples
+    warning = (f"delta = {delta:g} >= 1/N = {1.0 / num_examples:.3g}: a mechanism that publishes "
+               "one randomly chosen training example in the clear satisfies this guarantee, so it "
+               "protects nobody in particular; use delta well below 1/N") if weak else None
+    return {"delta_at_least_1_over_n": weak, "delta_warning": warning}
+
+
 def history_value(history: dict, key: str):
     """The value of `key` over the ledger's phases: one value, a list when it changed, or None
     when the ledger has no step."""
@@ -148,6 +161,7 @@ def format_privacy_report(report: dict[str, Any]) -> str:
         f"Target: epsilon <= {g['target_epsilon']} ({g['enforced_accountant']} accountant, "
         "enforced before every step).",
         f"Privacy unit: {g['unit']}.",
+        *([f"WARNING: {g['delta_warning']}."] if g.get("delta_warning") else []),
         "",
         f"Mechanism: {m['name']}",
         f"  noise multiplier sigma = {m['noise_multiplier']}"

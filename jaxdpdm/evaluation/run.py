@@ -6,18 +6,26 @@ Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
   `eval.inception_weights` names a local weights file or `eval.download_inception_weights` lets
   the weights be fetched once into a cache (reference statistics are cached in `WORKDIR/eval/`);
 * downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
-  synthetic validation split) and tested on the real test split, beside the same classifier
+  synthetic validation split) and tested on the real test set, beside the same classifier
   trained on the real training data;
 
 into `WORKDIR/eval/report.json` and `WORKDIR/eval/summary.txt`, next to the run's privacy
 guarantee from `privacy_report.json`. The workdir must be local (copy a `gs://` workdir down
 first, e.g. with `launch/tpu_pod.py collect`).
+
+The real test set is `data.test_split` of the training source, or, for sources without splits
+(image_folder, npz), the folder or file `data.test_dir`; the training data itself is refused.
+The samples must come from the checkpoint the privacy report describes (`samples/meta.json`
+records their step): otherwise the run is refused, since the epsilon printed would belong to
+another model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -26,13 +34,17 @@ import numpy as np
 
 from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
-from jaxdpdm.data import load_dataset
+from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
+from jaxdpdm.data import DataSpec, load_dataset
 from jaxdpdm.evaluation import downstream, fid, inception, inception_weights
 from jaxdpdm import storage
 from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
 
 EVAL_SUBDIR = "eval"
+SPLITLESS_SOURCES = ("image_folder", "npz")
+
+log = logging.getLogger(__name__)
 
 
 def _progress_printer(what: str):
@@ -91,20 +103,104 @@ def _downstream_config(config) -> downstream.TrainConfig:
         learning_rate=e.classifier_learning_rate, augment=e.augment)
 
 
+def real_test_spec(config) -> DataSpec:
+    """The DataSpec of the real test set (see the module docstring).
+
+    Raises:
+      ValueError: no held-out test set is configured, or the one configured is the training
+        data.
+    """
+    d = config.data
+    if d.name in SPLITLESS_SOURCES:
+        if d.test_dir is None:
+            like = ("a folder laid out like" if d.name == "image_folder"
+                    else "an npz file or folder like")
+            raise ValueError(
+                f"dataset {d.name!r} has no splits, so --mode=evaluate needs a real test set held "
+                f"out from training: set data.test_dir to {like} data.data_dir ({d.data_dir}, "
+                "the training data)")
+        if os.path.realpath(d.test_dir) == os.path.realpath(d.data_dir):
+            raise ValueError(f"data.test_dir is the training data ({d.data_dir}); the real test "
+                             "set must be held out from training")
+        return dataclasses.replace(data_spec(config), data_dir=d.test_dir, subset="all",
+                                   public_fraction=0.0, max_examples=None, skip_corrupt=False)
+    if d.test_dir is not None:
+        raise ValueError(f"data.test_dir only applies to {' and '.join(SPLITLESS_SOURCES)} "
+                         f"datasets; {d.name!r} has splits: set data.test_split instead")
+    if d.test_split == d.split:
+        raise ValueError(f"data.test_split={d.test_split!r} is the training split; the real "
+                         "test set must be held out from training (e.g. 'test')")
+    return data_spec(config, split=d.test_split)
+
+
+def shared_images(train: np.ndarray, test: np.ndarray) -> int:
+    """How many test images (uint8 `[M, H, W, C]`) are byte-identical to a training image
+    (uint8 `[N, H, W, C]`)."""
+    seen = {image.tobytes() for image in train}
+    return int(sum(image.tobytes() in seen for image in test))
+
+
+def samples_provenance(workdir: str) -> dict[str, Any]:
+    """The checkpoint step of the samples, of the privacy report and of the newest checkpoint.
+
+    Raises:
+      ValueError: the samples were drawn from another step than the one whose privacy
+        guarantee the report would print.
+    """
+    meta_path = os.path.join(workdir, "samples", "meta.json")
+    with open(meta_path) as f:
+        sample_step = json.load(f).get("checkpoint_step")
+    privacy_path = os.path.join(workdir, PRIVACY_JSON)
+    report_step = (json.loads(storage.read_text(privacy_path)).get("mechanism", {}).get("steps")
+                   if os.path.exists(privacy_path) else None)
+    latest = None
+    if has_checkpoint(workdir):
+        store = CheckpointStore(checkpoint_dir(workdir), create=False)
+        try:
+            latest = store.latest_step()
+        finally:
+            store.close()
+    rerun = "run --mode=sample again (it replaces samples of an older checkpoint), then evaluate"
+    if sample_step is not None and report_step is not None and sample_step != report_step:
+        raise ValueError(f"the samples in {workdir}/samples were drawn at checkpoint step "
+                         f"{sample_step}, but {PRIVACY_JSON} describes the model at step "
+                         f"{report_step}: {rerun}")
+    if sample_step is not None and latest is not None and sample_step != latest:
+        log.warning("the samples were drawn at checkpoint step %s but the newest checkpoint is "
+                    "step %s: %s", sample_step, latest, rerun)
+    return {"checkpoint_step": sample_step, "privacy_report_step": report_step,
+            "latest_checkpoint_step": latest}
+
+
 def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     """Evaluates the samples in `workdir`; writes and returns the report."""
     validate_config(config)
-    images, labels = sampling.load_samples(workdir)  # ValueError if --mode=sample did not run
+    test_spec = real_test_spec(config)
+    if not os.path.isdir(os.path.join(workdir, "samples")):
+        raise FileNotFoundError(f"no samples in {os.path.join(workdir, 'samples')}: run "
+                                "--mode=sample first")
+    provenance = samples_provenance(workdir)
+    images, labels = sampling.load_samples(workdir)
     real_train = load_dataset(data_spec(config))
-    real_test = load_dataset(data_spec(config, split=config.data.test_split))
+    real_test = load_dataset(test_spec)
     if images.shape[1:] != real_train.images.shape[1:]:
         raise ValueError(f"samples have shape {images.shape[1:]} but the data "
                          f"{real_train.images.shape[1:]}: evaluate with the training config")
+    if real_test.class_names != real_train.class_names:
+        raise ValueError(f"the test data's classes {list(real_test.class_names)} differ from the "
+                         f"training data's {list(real_train.class_names)}; label i must mean the "
+                         "same class in both")
+    overlap = shared_images(real_train.images, real_test.images)
+    if overlap:
+        log.warning("%d of %d real test images are identical to a training image", overlap,
+                    len(real_test))
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
     report: dict[str, Any] = {"samples": {"num": int(len(images)),
-                                          "shape": list(images.shape[1:])},
-                              "data": {"train": real_train.summary(), "test": real_test.summary()}}
+                                          "shape": list(images.shape[1:]), **provenance},
+                              "data": {"train": real_train.summary(), "test": real_test.summary(),
+                                       "num_test": len(real_test),
+                                       "test_images_in_train": overlap}}
 
     if config.eval.inception_weights or config.eval.download_inception_weights:
         weights = inception_weights.resolve(config.eval.inception_weights,
@@ -136,13 +232,17 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
 
 def format_summary(report: dict[str, Any]) -> str:
     d = report["downstream"]
+    step = report["samples"].get("checkpoint_step")
     lines = ["Evaluation summary (jaxdpdm)", "============================",
              f"Synthetic samples: {report['samples']['num']} of shape "
-             f"{tuple(report['samples']['shape'])}"]
+             f"{tuple(report['samples']['shape'])}"
+             f"{f', from checkpoint step {step}' if step is not None else ''}"]
     p = report["privacy"]
     if p:
         lines.append(f"Privacy of the model that made them: ({p['epsilon_pld']:.3f}, "
                      f"{p['delta']:.1e})-DP (PLD); RDP epsilon {p['epsilon_rdp']:.3f}")
+        if p.get("delta_warning"):
+            lines.append(f"WARNING: {p['delta_warning']}.")
     else:
         lines.append("Privacy: no privacy_report.json in the workdir (a non-private run?)")
     if report["fid"]:
@@ -152,8 +252,13 @@ def format_summary(report: dict[str, Any]) -> str:
     else:
         lines.append("FID: not computed (set eval.inception_weights to a local weights file, or "
                      "eval.download_inception_weights=True on a machine with internet)")
-    lines.append(f"Downstream accuracy on the real test set, trained on synthetic data only: "
+    data = report.get("data", {})
+    lines.append(f"Downstream accuracy on the real test set ({data.get('num_test', '?')} held-out "
+                 f"images), trained on synthetic data only: "
                  f"{d['synthetic_to_real_test_accuracy']:.4f}")
+    if data.get("test_images_in_train"):
+        lines.append(f"  note: {data['test_images_in_train']} of those test images are identical "
+                     "to a training image")
     if d.get("real_to_real_test_accuracy") is not None:
         lines.append(f"Same classifier trained on the real training data: "
                      f"{d['real_to_real_test_accuracy']:.4f}")

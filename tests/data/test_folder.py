@@ -22,7 +22,9 @@ def collection(tmp_path):
     save(root / "dog" / "b.png", rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "RGB")
     save(root / "dog" / "a.jpg", rng.integers(0, 256, (16, 10, 3), dtype=np.uint8), "RGB", "JPEG")
     save(root / "cat" / "x.PNG", np.full((6, 6), 40, np.uint8), "L")
-    save(root / "cat" / "y.png", np.full((4, 4, 4), 200, np.uint8), "RGBA")
+    opaque_rgba = np.full((4, 4, 4), 200, np.uint8)
+    opaque_rgba[..., 3] = 255  # an alpha channel with no transparent pixel is dropped
+    save(root / "cat" / "y.png", opaque_rgba, "RGBA")
     save(root / "bird" / "z.jpeg", np.full((9, 9, 3), 90, np.uint8), "RGB", "JPEG")
     (root / "cat" / "notes.txt").write_text("not an image")
     (root / "cat" / ".hidden.png").write_bytes(b"ignored")
@@ -77,3 +79,52 @@ def test_all_files_unreadable_is_an_error_even_when_skipping(tmp_path):
     (tmp_path / "a" / "1.png").write_bytes(b"junk")
     with pytest.raises(ValueError, match="all 1 image files are unreadable"):
         folder.load_image_folder(tmp_path, image_size=8, channels=1, skip_corrupt=True)
+
+
+# --- pixel formats (PIL modes) -------------------------------------------------------------------
+
+def _read(path, channels=1):
+    return folder.read_image(path, image_size=4, channels=channels)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16) used to become all-white: PIL clips levels > 255."""
+    levels = np.array([[0, 257, 32768, 65535]] * 4, np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode == "I;16"
+    np.testing.assert_array_equal(_read(path)[..., 0], [[0, 1, 128, 255]] * 4)
+    np.testing.assert_array_equal(_read(path, channels=3)[0, :, 0], [0, 1, 128, 255])
+
+
+@pytest.mark.parametrize("mode", ["LA", "PA", "P", "RGBA"])
+def test_opaque_alpha_and_palettes_convert(tmp_path, mode):
+    rgba = Image.new("RGBA", (4, 4), (60, 60, 60, 255))
+    image = rgba.convert(mode) if mode != "PA" else rgba.convert("P").convert("PA")
+    assert image.mode == mode
+    path = tmp_path / "x.png"
+    (image if mode != "PA" else image.convert("RGBA")).save(path)  # PNG cannot store PA
+    if mode == "PA":  # read a PA image directly: what a palette PNG with alpha decodes to
+        assert folder.to_8bit(image).mode == "RGB"
+    np.testing.assert_array_equal(_read(path), np.full((4, 4, 1), 60))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)),
+    lambda: Image.new("LA", (4, 4), (9, 128)),
+    lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)).convert("P"),  # palette + tRNS
+])
+def test_transparent_pixels_are_refused_with_the_reason(tmp_path, make):
+    path = tmp_path / "ghost.png"
+    make().save(path)
+    with pytest.raises(ValueError, match="transparent") as error:
+        _read(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("mode, message", [("F", "floating-point"), ("I", "32-bit integer")])
+def test_float_and_32_bit_images_are_refused(tmp_path, mode, message):
+    path = tmp_path / "odd.png"  # a TIFF under a .png name: PIL goes by the content
+    Image.new(mode, (4, 4), 7).save(path, format="TIFF")
+    with pytest.raises(ValueError, match=message):
+        _read(path)

@@ -167,6 +167,50 @@ def test_npz_bad_contents_name_the_file(tmp_path, arrays, message, skip_corrupt)
     assert "bad.npz" in str(error.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x8f\x02random bytes that are no archive", "not an .npz archive"),  # was "pickled data"
+    (b"", "not an .npz archive"),
+    (b"\x93NUMPY\x01\x00rest of an .npy header", "single .npy array"),
+])
+def test_npz_that_is_no_archive_says_so(tmp_path, content, message):
+    (tmp_path / "data.npz").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_dataset(spec(name="npz", data_dir=str(tmp_path / "data.npz")))
+    assert "data.npz" in str(error.value) and "pickled" not in str(error.value)
+
+
+def test_npz_folder_with_mixed_shapes_names_the_file(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8, 1), np.uint8), labels=[0, 1])
+    np.savez(tmp_path / "b.npz", images=np.zeros((2, 16, 16, 1), np.uint8), labels=[0, 1])
+    with pytest.raises(ValueError, match="one shape") as error:
+        load_dataset(spec(name="npz", data_dir=str(tmp_path)))
+    assert "b.npz" in str(error.value) and "(16, 16, 1)" in str(error.value)
+
+
+def test_npz_with_no_images_says_so(tmp_path):
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8, 1), np.uint8),
+             labels=np.zeros(0, int))
+    with pytest.raises(ValueError, match="holds 0 images") as error:
+        load_dataset(spec(name="npz", data_dir=str(tmp_path / "empty.npz")))
+    assert "empty.npz" in str(error.value)
+
+
+def test_npz_labels_with_gaps_are_refused_unless_declared(tmp_path):
+    """Labels {0, 5} used to make 6 classes silently, four of them empty."""
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "gaps.npz", images=images, labels=[0, 5, 5, 0])
+    path = str(tmp_path / "gaps.npz")
+    with pytest.raises(ValueError, match="classes 1, 2, 3, 4 have no examples") as error:
+        load_dataset(spec(name="npz", data_dir=path))
+    assert "gaps.npz" in str(error.value)
+    kept = load_dataset(spec(name="npz", data_dir=path, classes=(0, 5)))
+    assert kept.num_classes == 2 and kept.original_class_ids == (0, 5)
+    np.savez(tmp_path / "named.npz", images=images, labels=[0, 5, 5, 0],
+             class_names=np.array(list("abcdef")))
+    declared = load_dataset(spec(name="npz", data_dir=str(tmp_path / "named.npz")))
+    assert declared.num_classes == 6
+
+
 def test_npz_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset(spec(name="npz", data_dir=str(tmp_path / "none.npz")))

@@ -1,6 +1,7 @@
 """Accounting against known values, calibration tightness, and the budget-enforcing ledger."""
 
 import json
+import logging
 import math
 import warnings
 
@@ -146,3 +147,14 @@ def test_per_step_budget_checks_are_cheap(monkeypatch):
     assert steps > 200
     assert len(calls) <= 4 * math.ceil(math.log2(steps))
     assert max(sum(n for _, _, n in phases) for phases in calls) <= 2 * steps + 2
+
+
+def test_calibration_says_what_it_is_doing(caplog, monkeypatch):
+    """A long calibration (10^6 PLD steps: ~40 s) used to run without a word."""
+    monkeypatch.setattr(accounting, "_PROGRESS_EVERY_S", 0.0)  # every evaluation
+    with caplog.at_level(logging.INFO, logger="jaxdpdm.dp.accounting"):
+        calibrate_noise_multiplier(target_epsilon=2.0, delta=DELTA, sampling_rate=Q, steps=7,
+                                   accountant="rdp")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "over 7 steps" in messages[0] and "rdp accountant" in messages[0]
+    assert any(m.startswith("calibrating: sigma=") for m in messages[1:])

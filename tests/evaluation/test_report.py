@@ -187,3 +187,16 @@ def test_an_earlier_release_without_a_report_has_an_unknown_epsilon(tmp_path):
     report = _report(_ledger([(1.2, 0.01, 5)]), earlier_releases=earlier)
     assert report["composition"]["epsilon_total"] is None
     assert "are NOT the total" in report_lib.format_privacy_report(report)
+
+
+def test_delta_of_at_least_one_over_n_is_stated_in_the_report():
+    """delta >= 1/N used to be only a console warning; the report must say it too."""
+    with pytest.warns(UserWarning, match="1/N"):
+        weak = _ledger([(1.2, 0.01, 5)], delta=2.0 / NUM_EXAMPLES)
+    report = _report(weak)
+    assert report["guarantee"]["delta_at_least_1_over_n"] is True
+    assert "1/N" in report["guarantee"]["delta_warning"]
+    assert "WARNING: delta = 0.002 >= 1/N = 0.001" in report_lib.format_privacy_report(report)
+    sound = _report(_ledger([(1.2, 0.01, 5)]))
+    assert sound["guarantee"]["delta_at_least_1_over_n"] is False
+    assert "WARNING" not in report_lib.format_privacy_report(sound)

@@ -5,10 +5,12 @@ No Inception weights exist on this machine, so `compute_fid` is run with
 the pixels: that checks the plumbing (batching, statistics, caching), not the network.
 """
 
+import json
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxdpdm.config import get_config
 from jaxdpdm.evaluation import fid, inception
@@ -142,3 +144,105 @@ def test_fid_does_not_depend_on_the_batch_size(tmp_path, stand_in_inception):
     values = [run_lib.compute_fid(_config(batch), synthetic, real, str(tmp_path / str(batch)),
                                   "digits")["fid"] for batch in (7, 50)]
     assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+# --- the real test set, and where the samples came from ---------------------------------------
+
+def _folder(root, value_per_class):
+    """root/<class>/<i>.png: 3 gray 8x8 images per class, levels from `value_per_class`."""
+    for name, value in value_per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def _folder_config(train_dir, test_dir=None):
+    config = get_config()
+    config.data.name, config.data.image_size, config.data.data_dir = "image_folder", 8, train_dir
+    config.data.test_dir = test_dir
+    return config
+
+
+def test_image_folder_needs_a_separate_test_folder(tmp_path):
+    train_dir = _folder(tmp_path / "train", {"a": 10, "b": 200})
+    with pytest.raises(ValueError, match="set data.test_dir"):
+        run_lib.real_test_spec(_folder_config(train_dir))
+    # test_split=train used to evaluate on the training images under the "real test set" label
+    with pytest.raises(ValueError, match="the training data"):
+        run_lib.real_test_spec(_folder_config(train_dir, str(tmp_path / "train" / ".")))
+    spec = run_lib.real_test_spec(_folder_config(train_dir, str(tmp_path / "test")))
+    assert spec.data_dir == str(tmp_path / "test") and spec.name == "image_folder"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.test_split", "train", "is the training split"),
+    ("data.test_dir", "/some/folder", "data.test_split instead"),
+])
+def test_split_datasets_refuse_the_training_split(field, value, message):
+    config = get_config()  # digits, split "train"
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        run_lib.real_test_spec(config)
+
+
+@pytest.fixture
+def stub_downstream(monkeypatch):
+    """Replaces classifier training; records the real test set it was given."""
+    seen = {}
+
+    def evaluate_downstream(synthetic, real_train, real_test, cfg, **kwargs):
+        seen["test"] = real_test
+        return {"synthetic_to_real_test_accuracy": 0.5, "real_to_real_test_accuracy": 0.75}
+
+    monkeypatch.setattr(run_lib.downstream, "evaluate_downstream", evaluate_downstream)
+    return seen
+
+
+def _write_samples(workdir, step, n=6):
+    samples = workdir / "samples"
+    samples.mkdir(parents=True)
+    np.savez(samples / "chunk_00000.npz", images=np.full((n, 8, 8, 1), 99, np.uint8),
+             labels=np.arange(n) % 2)
+    (samples / "meta.json").write_text(json.dumps({"checkpoint_step": step}))
+
+
+def test_evaluate_an_image_folder_on_its_test_folder(tmp_path, stub_downstream):
+    train_dir = _folder(tmp_path / "train", {"a": 10, "b": 200})
+    test_dir = _folder(tmp_path / "test", {"a": 11, "b": 100})  # "a" 11, 12 are also in train
+    workdir = tmp_path / "run"
+    _write_samples(workdir, step=3)
+    report = run_lib.evaluate_workdir(_folder_config(train_dir, test_dir), str(workdir))
+    np.testing.assert_array_equal(stub_downstream["test"][0][:, 0, 0, 0], [11, 12, 13, 100,
+                                                                             101, 102])
+    assert report["data"]["num_test"] == 6 and report["data"]["test_images_in_train"] == 2
+    assert report["samples"]["checkpoint_step"] == 3
+    summary = (workdir / "eval" / "summary.txt").read_text()
+    assert "from checkpoint step 3" in summary and "(6 held-out images)" in summary
+    assert "2 of those test images are identical to a training image" in summary
+
+
+def test_a_test_folder_with_other_classes_is_refused(tmp_path, stub_downstream):
+    train_dir = _folder(tmp_path / "train", {"a": 10, "b": 200})
+    test_dir = _folder(tmp_path / "test", {"b": 100, "c": 50})  # label 0 would mean "b"
+    _write_samples(tmp_path / "run", step=3)
+    with pytest.raises(ValueError, match="label i must mean the same class"):
+        run_lib.evaluate_workdir(_folder_config(train_dir, test_dir), str(tmp_path / "run"))
+
+
+def test_samples_of_another_step_than_the_privacy_report_are_refused(tmp_path, stub_downstream):
+    """The report used to print the final epsilon for samples of an earlier checkpoint."""
+    workdir = tmp_path / "run"
+    _write_samples(workdir, step=2)
+    (workdir / "privacy_report.json").write_text(json.dumps({"mechanism": {"steps": 3}}))
+    with pytest.raises(ValueError, match="drawn at checkpoint step 2, but privacy_report.json "
+                                         "describes the model at step 3"):
+        run_lib.samples_provenance(str(workdir))
+    (workdir / "privacy_report.json").write_text(json.dumps({"mechanism": {"steps": 2}}))
+    assert run_lib.samples_provenance(str(workdir))["checkpoint_step"] == 2
+
+
+def test_evaluate_without_samples_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run --mode=sample first"):
+        run_lib.evaluate_workdir(get_config(), str(tmp_path))
