@@ -9,6 +9,8 @@ run depends on, and removes it when it ends: on return, on an exception, on Ctrl
   two simultaneous starts wins. A lock whose holder ran on this host and no longer exists (a
   `kill -9`, a power cut) is stale: it is taken over with a warning. (Two starts taking over
   the same stale lock at the same instant are not told apart: the window is one unlink.)
+  A lock held by this very process (a `Trainer` that was built but never run or released, e.g.
+  in a notebook) is taken over with a warning too.
 * Object stores (`gs://...`): there is no exclusive create through the file API, so the lock is
   best-effort: it is checked, then written, and a start racing another one within that window can
   slip through. Staleness cannot be checked from another host either: a lock left by a dead
@@ -21,6 +23,7 @@ import datetime
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -62,7 +65,7 @@ class WorkdirLock:
         self._record = {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                             timespec="seconds"),
-                        "command": " ".join(sys.argv)}
+                        "command": " ".join(sys.argv), "token": secrets.token_hex(8)}
         self.held = False
         self._previous_sigterm = None
 
@@ -120,9 +123,11 @@ class WorkdirLock:
                 if holder is None:  # released between our create and our read: try again
                     continue
                 if holder.get("host") == self._record["host"] and isinstance(
-                        holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                    log.warning("taking over the stale workdir lock of %s (no such process)",
-                                _holder_text(holder))
+                        holder.get("pid"), int) and (holder["pid"] == os.getpid()
+                                                     or not _pid_alive(holder["pid"])):
+                    log.warning("taking over the workdir lock of %s (%s)", _holder_text(holder),
+                                "this process" if holder["pid"] == os.getpid() else
+                                "stale: no such process")
                     os.remove(self.path)
                     continue
                 self._refuse(holder)

@@ -26,18 +26,29 @@ def _write_holder(workdir, **holder):
     (workdir / LOCK_NAME).write_text(json.dumps(holder))
 
 
-def test_a_second_holder_is_refused_with_the_holders_identity(tmp_path):
-    with WorkdirLock(str(tmp_path)) as first:
+def test_a_live_holder_is_refused_with_its_identity(tmp_path):
+    with WorkdirLock(str(tmp_path)):
         record = json.loads((tmp_path / LOCK_NAME).read_text())
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        with pytest.raises(WorkdirLockedError) as info:
-            WorkdirLock(str(tmp_path)).acquire()
-        message = str(info.value)
-        assert f"pid {os.getpid()}" in message and socket.gethostname() in message
-        assert record["started"] in message and "\n" not in message
-        assert first.held
     assert not (tmp_path / LOCK_NAME).exists()  # released on leaving the block
-    WorkdirLock(str(tmp_path)).acquire().release()  # and can be taken again
+    # Another live process on this host (our parent) holds it.
+    _write_holder(tmp_path, pid=os.getppid(), host=socket.gethostname(), started="12:00 UTC")
+    with pytest.raises(WorkdirLockedError) as info:
+        WorkdirLock(str(tmp_path)).acquire()
+    message = str(info.value)
+    assert f"pid {os.getppid()} on host {socket.gethostname()!r}, started 12:00 UTC" in message
+    assert "\n" not in message
+
+
+def test_this_process_takes_over_its_own_unreleased_lock(tmp_path, caplog):
+    first = WorkdirLock(str(tmp_path)).acquire()  # e.g. a Trainer built but never run
+    with caplog.at_level(logging.WARNING, logger="jaxdpdm.workdir_lock"):
+        second = WorkdirLock(str(tmp_path)).acquire()
+    assert "this process" in caplog.text
+    first.release()  # the old holder's late release leaves the new lock alone
+    assert (tmp_path / LOCK_NAME).exists()
+    second.release()
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
