@@ -34,7 +34,8 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The optional reference packages (torch's CUDA build pulls in triton) crash the interpreter when
-# they are imported after TensorFlow, which clu and TFDS load. Import them first, where present.
+# they are imported after TensorFlow, which TFDS loads (and tensorboard's event writer, where
+# TensorFlow is installed). Import them first, where present.
 try:
     import pytorch_fid.fid_score  # noqa: F401
     import pytorch_fid.inception  # noqa: F401
