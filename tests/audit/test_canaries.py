@@ -109,3 +109,28 @@ def test_release_tap_records_the_noisy_released_update(injector):
     np.testing.assert_allclose(scores, flat[c.coordinates], rtol=1e-6)
     _, state = opt.update(extra, state, params)  # the next step's release adds up
     assert not np.allclose(released_scores(state), 2 * scores)  # fresh noise each step
+
+
+def test_gradient_canaries_use_trainable_coordinates_under_a_frozen_optimizer(tiny_config):
+    from jaxdpdm.dp.clipping import param_path
+    from jaxdpdm.train import _freeze
+
+    config = tiny_config()
+    config.data.max_examples = 30
+    exp = build_experiment(config)
+    params = exp.init_params()
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    trainable = "^" + paths[-1] + "$"  # one leaf only
+    size = int(np.size(jax.tree.leaves(params)[-1]))
+    canaries = draw_canaries("gradient", 8, image_shape=(8, 8, 1), num_classes=10,
+                             num_trainable=size, secret_seed=2)
+    injector = CanaryInjector(canaries, exp, clip_norm=1.0, trainable=trainable)
+    mask = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p) == paths[-1], params)
+    opt = _freeze(optax.chain(dp_aggregate(clip_norm=1.0, noise_multiplier=0.0,
+                                           expected_batch_size=1.0, seed=0, trainable=mask),
+                              injector.release_tap(), optax.sgd(1.0)), mask)
+    state = opt.init(params)
+    _, extra = injector.route(np.arange(len(injector.experiment.dataset)))
+    assert np.count_nonzero(np.asarray(jax.tree.leaves(extra)[-1])) == canaries.gradient_bits.sum()
+    _, state = opt.update(extra, state, params)
+    np.testing.assert_allclose(released_scores(state), canaries.gradient_bits.astype(np.float32))
