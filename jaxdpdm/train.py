@@ -211,7 +211,11 @@ class Trainer:
                 dp_aggregate(clip_norm=c.dp.clip_norm, noise_multiplier=self.plan.noise_multiplier,
                              expected_batch_size=self.plan.expected_batch_size, seed=c.seed,
                              trainable=self.mask),
-                *([self.canaries.release_tap()] if self.canaries is not None else []),
+                *([self.canaries.release_tap(
+                    noise_multiplier=self.plan.noise_multiplier,
+                    sampling_rate=self.plan.sampling_rate,
+                    expected_batch_size=self.plan.expected_batch_size)]
+                  if self.canaries is not None else []),
                 _adam(c)), self.mask)
             self.step_fn = parallel.make_dp_step(
                 self.exp.loss_fn, self.optimizer, clip_norm=c.dp.clip_norm,

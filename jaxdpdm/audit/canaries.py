@@ -150,8 +150,15 @@ def num_trainable_coordinates(params_shape: PyTree, trainable: PyTree | str | No
 
 
 class ReleaseTapState(NamedTuple):
-    """`released`: f32[m_grad], the sum over steps of the released update at each coordinate."""
+    """The white-box adversary's view of each gradient canary's coordinate, summed over steps.
+
+    Attributes:
+      released: f32[m_grad], the sum of the released updates.
+      log_likelihood_ratio: f32[m_grad], the sum over steps of the log-likelihood ratio of
+        "the canary was included" for that step's release (see `CanaryInjector.release_tap`).
+    """
     released: jax.Array
+    log_likelihood_ratio: jax.Array
 
 
 class CanaryInjector:
@@ -214,36 +221,51 @@ class CanaryInjector:
             leaves[leaf] = flat.reshape(self._shapes[leaf])
         return self._treedef.unflatten(leaves)
 
-    def release_tap(self) -> optax.GradientTransformation:
-        """An identity transformation that sums the released update at each canary coordinate.
+    def release_tap(self, *, noise_multiplier: float, sampling_rate: float,
+                    expected_batch_size: float) -> optax.GradientTransformation:
+        """An identity transformation that records the releases at the canary coordinates.
 
-        Chained right after `dp_aggregate`, it sees `(clipped sum + noise) / expected batch`:
-        the noisy gradient that DP-SGD releases each step and that its guarantee covers. Its
-        state is the white-box adversary's score of each gradient canary.
+        Chained right after `dp_aggregate`, it sees `u = (clipped sum + noise) / B` (B the
+        expected batch size): the noisy gradient that DP-SGD releases each step and that its
+        guarantee covers. At a canary's coordinate, `x = u B / C` is N(d, sigma^2) if the canary
+        was not drawn and N(d + 1, sigma^2) if it was (d: the data's part, small), so the
+        log-likelihood ratio of "included" for one step is
+        `log(1 - q + q exp((x - 1/2) / sigma^2))` (taking d = 0). Its sum over steps is the
+        white-box score (the optimal test for the CLAIMED sigma and q, all public); it beats the
+        plain sum of releases, which dilutes a step that drew the canary with every other step's
+        noise. sigma = 0 (a non-private run) scores with the plain sum.
         """
         placement, m = self._placement, self.canaries.num_gradient
+        sigma, q = float(noise_multiplier), float(sampling_rate)
+        to_units = float(expected_batch_size) / self._clip_norm
 
         def init_fn(params):
             del params
-            return ReleaseTapState(released=jnp.zeros((m,), jnp.float32))
+            zeros = jnp.zeros((m,), jnp.float32)
+            return ReleaseTapState(released=zeros, log_likelihood_ratio=zeros)
 
         def update_fn(updates, state, params=None):
             del params
             leaves = jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-            released = state.released
+            step = jnp.zeros((m,), jnp.float32)
             for leaf, ids, pos in zip(*placement):
-                values = jnp.asarray(leaves[leaf], jnp.float32).reshape(-1)[pos]
-                released = released.at[ids].add(values)
-            return updates, ReleaseTapState(released=released)
+                step = step.at[ids].set(jnp.asarray(leaves[leaf], jnp.float32).reshape(-1)[pos])
+            x = step * to_units
+            if sigma > 0:
+                llr = jnp.logaddexp(jnp.log1p(-q), jnp.log(q) + (x - 0.5) / sigma**2)
+            else:
+                llr = x
+            return updates, ReleaseTapState(released=state.released + step,
+                                            log_likelihood_ratio=state.log_likelihood_ratio + llr)
 
         return optax.GradientTransformation(init_fn, update_fn)
 
 
-def released_scores(opt_state: PyTree) -> np.ndarray:
-    """The gradient canaries' scores f32[m_grad] from a run's optimizer state (see release_tap)."""
+def released_scores(opt_state: PyTree) -> ReleaseTapState:
+    """The gradient canaries' scores (numpy f32[m_grad] each) from a run's optimizer state."""
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ReleaseTapState))
              if isinstance(s, ReleaseTapState)]
     if len(found) != 1:
         raise ValueError(f"expected one canary release tap in the optimizer state, found "
                          f"{len(found)}")
-    return np.asarray(jax.device_get(found[0].released))
+    return ReleaseTapState(*(np.asarray(x) for x in jax.device_get(found[0])))

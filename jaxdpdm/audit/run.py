@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jaxdpdm import diffusion, storage
 from jaxdpdm.audit.canaries import (CANARY_FILE, CanaryInjector, CanarySet, draw_canaries,
                                     num_trainable_coordinates, released_scores)
-from jaxdpdm.audit.report import audit_report, lower_bounds, write_audit_report
+from jaxdpdm.audit.report import VERDICT_KINDS, audit_report, lower_bounds, write_audit_report
 from jaxdpdm.config import validate_config
 
 log = logging.getLogger(__name__)
@@ -121,22 +121,28 @@ def run_audit(config, workdir: str) -> dict[str, Any]:
     # Scores first, from the released parameters and updates only; the bits are read after.
     scores = {}
     if canaries.num_gradient:
-        scores["gradient"] = released_scores(trainer.state["opt_state"])
+        tap = released_scores(trainer.state["opt_state"])
+        scores["gradient"], scores["gradient_sum"] = tap.log_likelihood_ratio, tap.released
     if canaries.num_input:
         scores["input"] = input_canary_scores(
             trainer.exp, trainer.state["ema_params"], canaries.input_images,
             canaries.input_labels, num_timesteps=config.audit.score_timesteps)
     scored = time.perf_counter()
-    bits = {"gradient": canaries.gradient_bits, "input": canaries.input_bits}
+    bits = {"gradient": canaries.gradient_bits, "gradient_sum": canaries.gradient_bits,
+            "input": canaries.input_bits}
     privacy = result["privacy"]
     delta = privacy["guarantee"]["delta"]
     claimed = privacy["guarantee"][f"epsilon_{privacy['guarantee']['enforced_accountant']}"]
-    bounds = {kind: lower_bounds(s, bits[kind], delta=delta, confidence=config.audit.confidence)
+    # Bonferroni over the kinds in the verdict: the verdict errs with at most 1 - confidence.
+    num_tests = sum(kind in VERDICT_KINDS for kind in scores)
+    per_kind = 1.0 - (1.0 - config.audit.confidence) / num_tests
+    bounds = {kind: lower_bounds(s, bits[kind], delta=delta, confidence=per_kind)
               for kind, s in scores.items()}
     compute = {"training_seconds": trained - start, "scoring_seconds": scored - trained,
                "statistics_seconds": time.perf_counter() - scored}
     report = audit_report(bounds, claimed_epsilon=claimed, delta=delta,
-                          confidence=config.audit.confidence, privacy=privacy, compute=compute)
+                          confidence=config.audit.confidence, per_kind_confidence=per_kind,
+                          privacy=privacy, compute=compute)
     if trainer.is_lead:
         print(write_audit_report(directory, report), end="")
     return report

@@ -100,15 +100,19 @@ def test_release_tap_records_the_noisy_released_update(injector):
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     opt = optax.chain(dp_aggregate(clip_norm=0.7, noise_multiplier=2.0, expected_batch_size=4.0,
                                    seed=1),
-                      injector.release_tap())
+                      injector.release_tap(noise_multiplier=2.0, sampling_rate=0.25,
+                                           expected_batch_size=4.0))
     state = opt.init(params)
     _, extra = injector.route(np.arange(injector.num_real + 40))
     released, state = opt.update(extra, state, params)
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(released)])
     scores = released_scores(state)
-    np.testing.assert_allclose(scores, flat[c.coordinates], rtol=1e-6)
+    np.testing.assert_allclose(scores.released, flat[c.coordinates], rtol=1e-6)
+    x = flat[c.coordinates] * 4.0 / 0.7  # in units of C: N(1, 4) if drawn, N(0, 4) if not
+    llr = np.logaddexp(np.log(0.75), np.log(0.25) + (x - 0.5) / 4.0)
+    np.testing.assert_allclose(scores.log_likelihood_ratio, llr, rtol=1e-5, atol=1e-6)
     _, state = opt.update(extra, state, params)  # the next step's release adds up
-    assert not np.allclose(released_scores(state), 2 * scores)  # fresh noise each step
+    assert not np.allclose(released_scores(state).released, 2 * scores.released)  # fresh noise
 
 
 def test_gradient_canaries_use_trainable_coordinates_under_a_frozen_optimizer(tiny_config):
@@ -128,9 +132,12 @@ def test_gradient_canaries_use_trainable_coordinates_under_a_frozen_optimizer(ti
     mask = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p) == paths[-1], params)
     opt = _freeze(optax.chain(dp_aggregate(clip_norm=1.0, noise_multiplier=0.0,
                                            expected_batch_size=1.0, seed=0, trainable=mask),
-                              injector.release_tap(), optax.sgd(1.0)), mask)
+                              injector.release_tap(noise_multiplier=0.0, sampling_rate=0.5,
+                                                   expected_batch_size=1.0),
+                              optax.sgd(1.0)), mask)
     state = opt.init(params)
     _, extra = injector.route(np.arange(len(injector.experiment.dataset)))
     assert np.count_nonzero(np.asarray(jax.tree.leaves(extra)[-1])) == canaries.gradient_bits.sum()
     _, state = opt.update(extra, state, params)
-    np.testing.assert_allclose(released_scores(state), canaries.gradient_bits.astype(np.float32))
+    np.testing.assert_allclose(released_scores(state).released,
+                               canaries.gradient_bits.astype(np.float32))
