@@ -41,7 +41,8 @@ def main():
         for kind, score in scores.items():
             results[kind].append(lower_bounds(score, included, delta=args.delta,
                                               confidence=args.confidence))
-    summary = {kind: {k: [round(float(f([r[k] for r in rs])), 3) for f in (np.min, np.median, np.max)]
+    summary = {kind: {k: [round(float(f([r[k] for r in rs])), 3)
+                          for f in (np.min, np.median, np.max)]
                       for k in ("epsilon_lower_bound", "epsilon_lower_bound_fdp", "auroc")}
                for kind, rs in results.items()}
     print(json.dumps({"args": vars(args), "min_median_max_over_repeats": summary}))

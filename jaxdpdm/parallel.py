@@ -116,8 +116,9 @@ class DPStep:
         into more chunks changes nothing but the summation order. `extra_sum` (audit runs only,
         `jaxdpdm.audit`) is a params-shaped float32 sum of clipped gradients of examples that are
         not in the chunks (gradient canaries); it is added before the noise, like a chunk's sum.
-        Host (numpy) chunks are sharded with `shard_batch`. Batches without an "index" field get per-chunk keys
-        `fold_in(step_key, chunk_number)` so rows of different chunks never share a key.
+        Host (numpy) chunks are sharded with `shard_batch`. Batches without an "index" field get
+        per-chunk keys `fold_in(step_key, chunk_number)` so rows of different chunks never share
+        a key.
 
         Returns:
           (params, opt_state, ClipStats) with norms/losses f32[num_chunks * S] in chunk order.

@@ -85,7 +85,8 @@ class CanarySet:
 
 
 def draw_canaries(kind: str, num_canaries: int, *, image_shape: tuple[int, int, int],
-                  num_classes: int, num_trainable: int, secret_seed: int | None = None) -> CanarySet:
+                  num_classes: int, num_trainable: int,
+                  secret_seed: int | None = None) -> CanarySet:
     """Draws the canaries and their inclusion bits from the audit's own secret seed.
 
     The function sees no data and no training seed: the bits are independent of both by
