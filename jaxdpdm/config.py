@@ -22,6 +22,7 @@ SCHEDULES = ("linear", "cosine")
 ACCOUNTANTS = ("pld", "rdp")
 CLASSIFIERS = ("cnn", "wrn16_4")
 AUGMENTATIONS = ("mnist", "cifar", "none")
+AUDIT_KINDS = ("gradient", "input", "both")
 
 
 def get_config(arg=None):
@@ -165,6 +166,15 @@ def get_config(arg=None):
     config.eval.augment = "mnist"  # "mnist", "cifar" or "none"
     config.eval.train_real_reference = True
 
+    # --- privacy audit (--mode=audit; see jaxdpdm.audit) ---
+    config.audit = ml_collections.ConfigDict()
+    # "gradient": white-box Dirac canaries in gradient space; "input": black-box out-of-
+    # distribution images with random labels; "both": num_canaries of each kind in one run.
+    config.audit.kind = "both"
+    config.audit.num_canaries = 1000  # per kind, each included with probability 1/2
+    config.audit.confidence = 0.95    # of the epsilon lower bounds
+    config.audit.score_timesteps = 10  # input canaries: loss averaged over this many fixed t
+
     return config
 
 
@@ -244,6 +254,14 @@ def validate_config(config) -> None:
            f"sample.seed must be an integer in [0, 2**32 - 1], got {s.seed}")
     _check(s.num_samples >= 1 and s.batch_size >= 1,
            "sample.num_samples and sample.batch_size must be >= 1")
+
+    a = config.audit
+    _check(a.kind in AUDIT_KINDS, f"audit.kind must be one of {AUDIT_KINDS}, got {a.kind!r}")
+    _check(isinstance(a.num_canaries, int) and a.num_canaries >= 2,
+           f"audit.num_canaries must be an integer >= 2, got {a.num_canaries!r}")
+    _check(0.5 <= a.confidence < 1.0, f"audit.confidence must be in [0.5, 1), got {a.confidence}")
+    _check(1 <= a.score_timesteps <= d.num_timesteps,
+           "audit.score_timesteps must be in [1, diffusion.num_timesteps]")
 
     e = config.eval
     _check(e.classifier in CLASSIFIERS, f"eval.classifier must be one of {CLASSIFIERS}")

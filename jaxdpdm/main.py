@@ -3,6 +3,7 @@
     python -m jaxdpdm.main --config=configs/quickstart.py --workdir=runs/quickstart
     python -m jaxdpdm.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=sample
     python -m jaxdpdm.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=evaluate
+    python -m jaxdpdm.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=audit
 
 `--mode=train` (the default) trains, or resumes the run already in `--workdir`. Config fields are
 overridden with `--config.FIELD=VALUE`, e.g. `--config.train.num_steps=3`.
@@ -49,7 +50,8 @@ for _type, _parser in ((int, flags.IntegerParser()), (float, flags.FloatParser()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, samples, reports.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate", "audit"],
+                          "What to do; audit: a canary-audited copy of the run in WORKDIR/audit.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-host job with jax.distributed.initialize(): Cloud TPU pods "
     "and SLURM are detected automatically; elsewhere give the three flags below.")
@@ -221,6 +223,9 @@ def main(argv) -> int:
         elif _MODE.value == "sample":
             from jaxdpdm.generate import sample_from_workdir
             sample_from_workdir(config, workdir)
+        elif _MODE.value == "audit":
+            from jaxdpdm.audit.run import run_audit
+            run_audit(config, workdir)
         else:
             from jaxdpdm.evaluation.run import evaluate_workdir
             evaluate_workdir(config, workdir)

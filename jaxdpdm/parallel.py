@@ -108,13 +108,17 @@ class DPStep:
     mesh: Mesh
 
     def __call__(self, params: PyTree, opt_state: PyTree,
-                 chunks: Sequence[tuple[PyTree, Any]], step_key: jax.Array):
+                 chunks: Sequence[tuple[PyTree, Any]], step_key: jax.Array,
+                 extra_sum: PyTree | None = None):
         """Runs one logical batch given as chunks `[(batch, mask), ...]` of identical shapes.
 
         Chunk grad sums are added and noise is added ONCE (in `apply`), so splitting a Poisson draw
-        into more chunks changes nothing but the summation order. Host (numpy) chunks are sharded
-        with `shard_batch`. Batches without an "index" field get per-chunk keys
-        `fold_in(step_key, chunk_number)` so rows of different chunks never share a key.
+        into more chunks changes nothing but the summation order. `extra_sum` (audit runs only,
+        `jaxdpdm.audit`) is a params-shaped float32 sum of clipped gradients of examples that are
+        not in the chunks (gradient canaries); it is added before the noise, like a chunk's sum.
+        Host (numpy) chunks are sharded with `shard_batch`. Batches without an "index" field get
+        per-chunk keys `fold_in(step_key, chunk_number)` so rows of different chunks never share
+        a key.
 
         Returns:
           (params, opt_state, ClipStats) with norms/losses f32[num_chunks * S] in chunk order.
@@ -129,6 +133,8 @@ class DPStep:
             chunk_sum, stats = self.accumulate(params, batch, mask, key)
             grad_sum = chunk_sum if grad_sum is None else _tree_add(grad_sum, chunk_sum)
             all_stats.append(stats)
+        if extra_sum is not None:
+            grad_sum = _tree_add(grad_sum, replicate(extra_sum, self.mesh))
         params, opt_state = self.apply(params, opt_state, grad_sum)
         return params, opt_state, _merge_stats(all_stats)
 

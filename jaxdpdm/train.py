@@ -107,7 +107,8 @@ def _ema_update(ema, params, decay):
 class Trainer:
     """Holds the compiled step functions and the mutable state of one training run."""
 
-    def __init__(self, config, workdir: str, *, allow_restart_spent_workdir: bool = False):
+    def __init__(self, config, workdir: str, *, allow_restart_spent_workdir: bool = False,
+                 canaries: Callable | None = None):
         """Checks config, workdir and data, restores the newest good checkpoint, compiles.
 
         Args:
@@ -115,6 +116,8 @@ class Trainer:
             earlier DP run (its privacy report, grids, samples) but no checkpoint to resume. The
             earlier report is kept as `privacy_report.earlier-<n>.json` and the new report lists
             it. Without it such a workdir is refused.
+          canaries: audit runs only (`jaxdpdm.audit`, never a release workdir): `canaries(exp)`
+            returns a CanaryInjector whose experiment's dataset also holds the canaries.
         """
         # Everything that can be wrong with the config, the data or the workdir is checked here,
         # before the first compilation, so a mistake costs seconds, not a compile.
@@ -124,6 +127,7 @@ class Trainer:
         # when `run` ends, when this constructor fails, or at the latest when the trainer is
         # collected or the interpreter exits.
         self._lock = None
+        self._make_canaries = canaries
         if jax.process_index() == 0:
             self._lock = WorkdirLock(self.workdir).acquire()
             weakref.finalize(self, self._lock.release)
@@ -156,6 +160,10 @@ class Trainer:
         self.seed_fixed = meta.get("seed_fixed") if meta else config.seed is not None
         self.config = config = with_seed(config, meta.get("seed"))
         self.exp = build_experiment(config)
+        # Audit runs only (jaxdpdm.audit): the dataset also holds the canaries.
+        self.canaries = None if self._make_canaries is None else self._make_canaries(self.exp)
+        if self.canaries is not None:
+            self.exp = self.canaries.experiment
         self.dp = config.phase == "dp"
         if self.dp and self.seed_fixed:
             log.warning("*** DP run with a FIXED seed (seed=%d from the config): the DP noise "
@@ -203,6 +211,11 @@ class Trainer:
                 dp_aggregate(clip_norm=c.dp.clip_norm, noise_multiplier=self.plan.noise_multiplier,
                              expected_batch_size=self.plan.expected_batch_size, seed=c.seed,
                              trainable=self.mask),
+                *([self.canaries.release_tap(
+                    noise_multiplier=self.plan.noise_multiplier,
+                    sampling_rate=self.plan.sampling_rate,
+                    expected_batch_size=self.plan.expected_batch_size)]
+                  if self.canaries is not None else []),
                 _adam(c)), self.mask)
             self.step_fn = parallel.make_dp_step(
                 self.exp.loss_fn, self.optimizer, clip_norm=c.dp.clip_norm,
@@ -278,9 +291,13 @@ class Trainer:
         if self.dp:
             selected = batching.poisson_sample(n, self.plan.sampling_rate, seed=c.seed,
                                                step=self.step)
+            extra_sum = None
+            if self.canaries is not None:
+                selected, extra_sum = self.canaries.route(selected)
             host_chunks = batching.split_into_chunks(selected, self.plan.chunk_size)
             chunks = [(self._local_batch(idx), self._local_mask(m)) for idx, m in host_chunks]
-            params, opt_state, stats = self.step_fn(s["params"], s["opt_state"], chunks, key)
+            params, opt_state, stats = self.step_fn(s["params"], s["opt_state"], chunks, key,
+                                                    extra_sum)
             real_rows = np.concatenate([m for _, m in host_chunks])
             metrics = functools.partial(_clip_metrics, stats, real_rows)
         else:
