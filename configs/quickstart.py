@@ -20,7 +20,7 @@ logistic regression fit on the real digits training split (96.6% accurate on the
 split) labels as the digit they were generated for. That classifier reads the real training
 split, private part included, so its number is not covered by the DP guarantee.
 
-Measured on the 2-core development machine: benchmarks/RESULTS.md section 7 (label
+Measured on the 2-core development machine: benchmarks/RESULTS.md section 8 (label
 consistency, wall and CPU time, the ablations behind these choices). Running the command again
 resumes the phase it was in.
 
