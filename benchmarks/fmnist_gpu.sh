@@ -13,8 +13,8 @@
 #               rerunning resumes every step.
 #   OUT         if set, the reports, grids and timings are copied there.
 #   PYTHON      interpreter (default python3). Needs jax, flax, optax, orbax, ml_collections,
-#               absl, dp_accounting, numpy, pillow; TensorFlow/clu are optional (TensorBoard
-#               files), scikit-learn is not needed (the label classifier is the CNN). Wheels of
+#               absl, dp_accounting, numpy, pillow; no TensorFlow (tensorboard is optional),
+#               no scikit-learn (the label classifier is the CNN). Wheels of
 #               missing pure-python packages may be carried in .whl/ at the repository root:
 #               they are installed with --no-index into a temporary folder.
 # Prints the wall time of each command and writes them to $WORKDIR/timings.txt.
