@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_fmnist_gpu_smoke_runs_the_whole_chain(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "out"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "fmnist_gpu.sh"), "--smoke"],
                           cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "WORKDIR": str(workdir), "OUT": str(out)})
+                          env={**os.environ, "WORKDIR": str(workdir), "OUT": str(out),
+                               "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("train", "sample", "evaluate"):
         assert f"fmnist_gpu: {mode} took" in proc.stdout
