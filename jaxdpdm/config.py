@@ -16,6 +16,8 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from jaxdpdm.evaluation.label_consistency import LABEL_CLASSIFIERS
+
 PHASES = ("dp", "pretrain")
 SAMPLERS = ("ddim", "ddpm")
 SCHEDULES = ("linear", "cosine")
@@ -104,6 +106,20 @@ def get_config(arg=None):
     config.diffusion.timestep_ranges = ((0, 1000),)
     config.diffusion.timestep_weights = (1.0,)
 
+    # --- an optional public pretraining phase, run by the same command before DP training ---
+    # With num_steps > 0 (needs phase "dp" and data.subset "private"), `--mode=train` first
+    # trains the model without privacy on the *public* part of the same split (data.subset
+    # "public") in WORKDIR/pretrain, then DP-trains it on the private part in WORKDIR, starting
+    # from the pretrained EMA parameters. The public images are not protected; the privacy
+    # report names both parts. Model, data and diffusion settings are shared; these differ:
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.num_steps = 0  # 0: no pretraining phase
+    config.pretrain.batch_size = 64  # fixed-size shuffled batches of public images
+    config.pretrain.learning_rate = 1e-3
+    config.pretrain.warmup_steps = 50
+    config.pretrain.ema_decay = 0.995
+    config.pretrain.augmult = 1  # K; the timesteps are uniform over [0, T) when pretraining
+
     # --- optimisation ---
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 200
@@ -165,6 +181,12 @@ def get_config(arg=None):
     config.eval.classifier_learning_rate = 3e-4
     config.eval.augment = "mnist"  # "mnist", "cifar" or "none"
     config.eval.train_real_reference = True
+    # Label consistency (jaxdpdm.evaluation.label_consistency): a classifier of the real training
+    # split labels the synthetic images. "logistic" (scikit-learn) or "cnn".
+    config.eval.label_classifier = "logistic"
+    # Class-balanced samples drawn and scored at the end of training (0: not at all); written to
+    # WORKDIR/label_consistency.json. --mode=evaluate scores all the samples of --mode=sample.
+    config.eval.label_consistency_samples = 0
 
     # --- privacy audit (--mode=audit; see jaxdpdm.audit) ---
     config.audit = ml_collections.ConfigDict()
@@ -244,6 +266,19 @@ def validate_config(config) -> None:
                f"budget at that length (3*10^6 steps: 5 minutes for the calibration alone); if "
                f"you mean it, set dp.accountant='rdp' (fast at any length, slightly looser)")
 
+    pre = config.pretrain
+    _check(pre.num_steps >= 0, f"pretrain.num_steps must be >= 0, got {pre.num_steps}")
+    if pre.num_steps:
+        _check(config.phase == "dp" and data.subset == "private",
+               "pretrain.num_steps > 0 needs phase 'dp' and data.subset 'private' (the "
+               "pretraining phase trains on the public part of the same split)")
+        _check(config.init_from is None, "pretrain.num_steps > 0 initialises the DP phase from "
+               "its own pretraining: leave init_from unset")
+        _check(pre.batch_size >= 1 and pre.learning_rate > 0 and pre.warmup_steps >= 0
+               and 0.0 <= pre.ema_decay < 1.0 and pre.augmult >= 1,
+               "pretrain needs batch_size >= 1, learning_rate > 0, warmup_steps >= 0, "
+               "ema_decay in [0, 1) and augmult >= 1")
+
     s = config.sample
     _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}")
     _check(1 <= s.ddim_steps <= d.num_timesteps,
@@ -266,6 +301,9 @@ def validate_config(config) -> None:
     e = config.eval
     _check(e.classifier in CLASSIFIERS, f"eval.classifier must be one of {CLASSIFIERS}")
     _check(e.augment in AUGMENTATIONS, f"eval.augment must be one of {AUGMENTATIONS}")
+    _check(e.label_classifier in LABEL_CLASSIFIERS,
+           f"eval.label_classifier must be one of {LABEL_CLASSIFIERS}")
+    _check(e.label_consistency_samples >= 0, "eval.label_consistency_samples must be >= 0")
     _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
     _check(e.fid_batch_size >= 1 and e.classifier_batch_size >= 1,
            "eval.fid_batch_size and eval.classifier_batch_size must be >= 1")

@@ -75,11 +75,24 @@ def make_grid(images, rows: int, *, padding: int = 2, pad_value: int = 0) -> np.
     return grid
 
 
-def encode_grid_png(images, rows: int, *, padding: int = 2) -> bytes:
-    """`make_grid(images, rows)` encoded as PNG bytes (for writers that are not local files)."""
+def display_scale(image_size: int, min_cell: int = 32) -> int:
+    """The integer zoom that shows `image_size`-pixel images at least `min_cell` pixels wide
+    (4 for the 8x8 digits, 1 from 32x32 up): tiny samples are unreadable at their native size."""
+    return max(1, min_cell // max(int(image_size), 1))
+
+
+def encode_grid_png(images, rows: int, *, padding: int = 2, scale: int = 1) -> bytes:
+    """`make_grid(images, rows)` encoded as PNG bytes (for writers that are not local files).
+
+    `scale` > 1 enlarges the grid by pixel repetition (nearest neighbour: no new detail, only
+    a readable size).
+    """
     from PIL import Image  # imported here: the samplers that import this module need no Pillow
 
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
     grid = make_grid(images, rows, padding=padding)
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
     buffer = io.BytesIO()
@@ -87,7 +100,8 @@ def encode_grid_png(images, rows: int, *, padding: int = 2) -> bytes:
     return buffer.getvalue()
 
 
-def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 2) -> str:
+def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 2,
+                  scale: int = 1) -> str:
     """Writes `make_grid(images, rows)` as a PNG, atomically (local or `gs://` path).
 
     Args:
@@ -95,9 +109,10 @@ def save_grid_png(images, path: str | os.PathLike, rows: int, *, padding: int = 
       path: destination file; its directory is created if missing.
       rows: number of grid rows (e.g. one per class).
       padding: pixels between cells.
+      scale: integer enlargement (see `encode_grid_png`).
     Returns:
       The path written, as a string.
     """
     path = os.fspath(path)
-    storage.write_bytes(path, encode_grid_png(images, rows, padding=padding))
+    storage.write_bytes(path, encode_grid_png(images, rows, padding=padding, scale=scale))
     return path

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpdm import sampling, storage
-from jaxdpdm.images import save_grid_png, to_uint8
+from jaxdpdm.images import display_scale, save_grid_png, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,14 @@ class GridWriter:
         self._labels = (jnp.repeat(jnp.arange(self._rows), per_row) if u.num_classes is not None
                         else jnp.zeros((per_row,), jnp.int32))
         self._key = experiment.sample_key(0)
+        self._scale = display_scale(u.image_size)
         shape = (u.image_size, u.image_size, u.in_channels)
         self._sample = jax.jit(
             lambda params, key, labels: sample_images(experiment, params, key, labels, shape))
 
     def write(self, params, path: str) -> None:
         images = self._sample(params, self._key, self._labels)
-        save_grid_png(to_uint8(np.asarray(images)), path, rows=self._rows)
+        save_grid_png(to_uint8(np.asarray(images)), path, rows=self._rows, scale=self._scale)
         log.info("wrote %s", path)
 
 
@@ -143,3 +144,33 @@ def sample_images(experiment, params, key, labels, shape):
                                     labels, shape, **common)
     return sampling.ddim_sample(experiment.eval_apply, params, experiment.schedule, key, labels,
                                 shape, num_steps=s.ddim_steps, eta=s.eta, **common)
+
+
+def score_label_consistency(experiment, params, num_samples: int) -> dict:
+    """Samples `num_samples` class-balanced images and reports their label consistency.
+
+    The images are drawn with the configured sampler in batches of `sample.batch_size` (one
+    compiled shape) from the fixed key `experiment.sample_key(1)`; the classifier is
+    `eval.label_classifier`, fit on the real training split (see
+    `jaxdpdm.evaluation.label_consistency`, which also says why the number is not private).
+    """
+    from jaxdpdm.evaluation import label_consistency
+
+    u = experiment.unet_config
+    if u.num_classes is None:
+        raise ValueError("label consistency needs a class-conditional model")
+    labels = np.arange(num_samples, dtype=np.int32) % u.num_classes
+    batch = min(experiment.config.sample.batch_size, num_samples)
+    shape = (u.image_size, u.image_size, u.in_channels)
+    draw = jax.jit(lambda p, key, y: sample_images(experiment, p, key, y, shape))
+    images = []
+    for i, start in enumerate(range(0, num_samples, batch)):
+        chunk = np.zeros(batch, np.int32)
+        chunk[:len(labels[start:start + batch])] = labels[start:start + batch]
+        key = jax.random.fold_in(experiment.sample_key(1), i)
+        images.append(to_uint8(np.asarray(draw(params, key, jnp.asarray(chunk)))))
+    images = np.concatenate(images)[:num_samples]
+    classifier, class_names = label_consistency.fit_for_config(experiment.config)
+    report = label_consistency.label_consistency(classifier, images, labels)
+    report["class_names"] = list(class_names)
+    return report

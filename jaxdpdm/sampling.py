@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from jaxdpdm import diffusion
-from jaxdpdm.images import save_grid_png, to_uint8
+from jaxdpdm.images import display_scale, save_grid_png, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _save_class_grid(out_dir, grid_path: str, rows: int, per_row: int) -> None:
     shape = next(c[0].shape for c in cells if c)
     blank = np.zeros(shape, np.uint8)
     grid = [row[i] if i < len(row) else blank for row in cells for i in range(per_row)]
-    save_grid_png(np.stack(grid), grid_path, rows=rows)
+    save_grid_png(np.stack(grid), grid_path, rows=rows, scale=display_scale(shape[0]))
 
 
 def iter_sample_chunks(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import signal
 import weakref
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdpdm import parallel, storage
+from jaxdpdm import parallel, phases, storage
 from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore, load_init_params
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
@@ -36,7 +37,8 @@ from jaxdpdm.evaluation.report import (archive_earlier_reports, privacy_report,
                                        write_privacy_report)
 from jaxdpdm.experiment import build_experiment, count_params, dataset_fingerprint
 from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
-from jaxdpdm.monitoring import GridWriter, MetricsLogger
+from jaxdpdm.evaluation.label_consistency import format_consistency
+from jaxdpdm.monitoring import GridWriter, MetricsLogger, score_label_consistency
 from jaxdpdm.resume import (check_init_from, check_same_data, meta_problem, refuse_spent_workdir,
                             resumed_ledger, with_seed)
 from jaxdpdm.workdir_lock import WorkdirLock
@@ -331,6 +333,7 @@ class Trainer:
             stopped_by_budget = self._train_loop()
             self.save()
             self.write_grid("grid_final.png")
+            self.write_label_consistency()
             return self.finish(stopped_by_budget)
         finally:
             self.release_workdir()
@@ -383,7 +386,8 @@ class Trainer:
                 num_trainable=count_params(_masked_leaves(self.state["params"], self.mask)),
                 dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
                 calibrated=self.plan.calibrated, seed_fixed=self.seed_fixed,
-                earlier_releases=self.earlier_releases)
+                earlier_releases=self.earlier_releases,
+                initial_model=phases.describe_initial_model(self.config.init_from))
             if self.is_lead:
                 write_privacy_report(self.workdir, report)
         self.store.close()
@@ -395,6 +399,18 @@ class Trainer:
         if self._grid_writer is None:
             self._grid_writer = GridWriter(self.exp)
         self._grid_writer.write(self.state["ema_params"], storage.join(self.workdir, name))
+
+    def write_label_consistency(self) -> None:
+        """Scores `eval.label_consistency_samples` EMA samples (if > 0) into
+        WORKDIR/label_consistency.json; the classifier reads real data (not covered by DP)."""
+        num = self.config.eval.label_consistency_samples
+        if not num or not self.is_lead:
+            return
+        report = score_label_consistency(self.exp, self.state["ema_params"], num)
+        report["step"] = self.step
+        storage.write_text(storage.join(self.workdir, "label_consistency.json"),
+                           json.dumps(report, indent=2) + "\n")
+        print(format_consistency(report, report["class_names"]), flush=True)
 
     def _log_start(self):
         c = self.config
@@ -442,5 +458,16 @@ def _jsonable(d):
 
 
 def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns the final step and privacy report."""
-    return Trainer(config, workdir, allow_restart_spent_workdir=allow_restart_spent_workdir).run()
+    """Trains (or resumes) the run in `workdir`; returns the final step and privacy report.
+
+    With `config.pretrain.num_steps > 0`, first pretrains on the public part in
+    `workdir/pretrain` (`jaxdpdm.phases`).
+    """
+    def train_one(one_config, one_workdir):
+        return Trainer(one_config, one_workdir,
+                       allow_restart_spent_workdir=allow_restart_spent_workdir).run()
+
+    if phases.has_pretraining_phase(config):
+        validate_config(config)
+        return phases.train_in_phases(config, workdir, train_one)
+    return train_one(config, workdir)

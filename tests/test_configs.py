@@ -21,6 +21,8 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # examples the DP phase trains on (after the public/private split where there is one).
 DATASETS = {
     "digits": (10, 1437),
+    ("digits", "private"): (10, 1154),
+    ("digits", "public"): (10, 288),
     "tfds:imagenet_resized/32x32": (1000, 1_281_167),
     "tfds:cifar10": (10, 50_000),
     "tfds:patch_camelyon": (2, 262_144),
@@ -40,6 +42,7 @@ VARIANTS = {
     "fashion_mnist_pretrain.py": ("", "smoke"),
     "fashion_mnist_eps1.py": ("", "smoke"),
     "fashion_mnist_eps10.py": ("", "smoke"),
+    "fashion_mnist_gpu.py": ("", "smoke"),
 }
 CASES = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
 PAPER_CONFIGS = ("imagenet32_pretrain.py", "cifar10_eps1.py", "cifar10_eps5.py",
@@ -138,6 +141,21 @@ def test_fashion_mnist_phases_use_one_split_and_disjoint_parts(variant):
         assert dp.init_from is not None
 
 
+@pytest.mark.parametrize("name, variant", [c for c in CASES if load(*c).pretrain.num_steps])
+def test_two_phase_configs_pretrain_on_the_public_part_of_the_same_split(name, variant):
+    from jaxdpdm.phases import pretraining_config
+
+    config = load(name, variant)
+    pretrain = pretraining_config(config)
+    validate_config(pretrain)
+    assert (pretrain.phase, pretrain.data.subset, config.data.subset) == (
+        "pretrain", "public", "private")
+    for field in ("name", "split", "public_fraction", "split_seed", "image_size"):
+        assert pretrain.data[field] == config.data[field], field
+    assert pretrain.model.to_dict() == config.model.to_dict()
+    assert pretrain.train.batch_size <= DATASETS[dataset_key(pretrain)][1]
+
+
 @pytest.mark.parametrize("family", [
     ("cifar10_eps1.py", "cifar10_eps5.py", "cifar10_eps10.py"),
     ("fashion_mnist_eps1.py", "fashion_mnist_eps10.py"),
@@ -177,8 +195,11 @@ def test_paper_fine_tuning_uses_the_modified_timestep_distribution():
 def test_config_flags_loads_the_file_with_overrides(name, variant):
     """What `python -m jaxdpdm.main --config=configs/<name>[:variant] --config.x=...` does."""
     path = str(CONFIG_DIR / name) + (f":{variant}" if variant else "")
+    two_phase = load(name, variant).pretrain.num_steps > 0
+    # A two-phase config initialises its DP phase itself; overriding init_from means one phase.
     argv = ["prog", f"--config={path}", "--config.train.num_steps=3",
-            "--config.init_from=/tmp/pretrained"]
+            "--config.init_from=/tmp/pretrained"] + (
+            ["--config.pretrain.num_steps=0"] if two_phase else [])
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv,
                                     lock_config=True)
@@ -187,5 +208,7 @@ def test_config_flags_loads_the_file_with_overrides(name, variant):
     assert config.train.num_steps == 3 and config.init_from == "/tmp/pretrained"
     expected = load(name, variant)
     expected.train.num_steps, expected.init_from = 3, "/tmp/pretrained"
+    if two_phase:
+        expected.pretrain.num_steps = 0
     assert config.to_dict() == expected.to_dict()
     validate_config(config)

@@ -43,6 +43,18 @@ def test_save_grid_png_round_trip(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temp file left
 
 
+def test_scaled_grid_repeats_pixels(tmp_path):
+    tiles = np.random.default_rng(2).integers(0, 256, (4, 3, 3, 1), dtype=np.uint8)
+    path = images.save_grid_png(tiles, tmp_path / "grid.png", rows=2, scale=3)
+    loaded = np.asarray(Image.open(path))
+    grid = images.make_grid(tiles, rows=2)[..., 0]
+    np.testing.assert_array_equal(loaded, np.repeat(np.repeat(grid, 3, axis=0), 3, axis=1))
+    assert (images.display_scale(8), images.display_scale(28), images.display_scale(64)) == (
+        4, 1, 1)
+    with pytest.raises(ValueError, match="scale"):
+        images.encode_grid_png(tiles, rows=2, scale=0)
+
+
 def test_grid_rejects_bad_input():
     with pytest.raises(ValueError):
         images.make_grid(np.zeros((2, 4, 4, 2), np.uint8), rows=1)

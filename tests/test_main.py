@@ -54,7 +54,11 @@ def test_train_sample_evaluate(tmp_path):
     assert result["fid"] is None  # no Inception weights configured
     assert 0.0 <= result["downstream"]["synthetic_to_real_test_accuracy"] <= 1.0
     assert result["privacy"]["epsilon_pld"] == report["guarantee"]["epsilon_pld"]
-    assert "Downstream accuracy" in open(os.path.join(workdir, "eval", "summary.txt")).read()
+    consistency = result["label_consistency"]
+    assert consistency["num_samples"] == 30 and consistency["num_per_class"] == [3] * 10
+    assert consistency["classifier_real_test_accuracy"] > 0.9
+    summary = open(os.path.join(workdir, "eval", "summary.txt")).read()
+    assert "Downstream accuracy" in summary and "Label consistency" in summary
 
 
 @pytest.mark.parametrize("args, message", [

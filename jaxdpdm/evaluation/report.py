@@ -24,7 +24,8 @@ _RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples
 def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_trainable: int,
                    dataset: str, stopped_by_budget: bool, calibrated: bool,
                    seed_fixed: bool | None = False,
-                   earlier_releases: list[dict] | None = None) -> dict[str, Any]:
+                   earlier_releases: list[dict] | None = None,
+                   initial_model: dict | None = None) -> dict[str, Any]:
     """Collects the guarantee of a finished (or stopped) DP run.
 
     The guarantee is recomputed from the ledger with both accountants; the run's own accountant
@@ -35,6 +36,8 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
         the noise); None when an old checkpoint did not record it.
       earlier_releases: earlier DP runs of this workdir (`archive_earlier_reports`); their
         guarantees compose with this one's, which the report states.
+      initial_model: for a run started from `init_from`, what that model was trained on
+        (`phases.describe_initial_model`): its data is named as not protected.
     """
     history = ledger.to_dict()
     earlier = list(earlier_releases or [])
@@ -70,6 +73,8 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
             "init_from": config.init_from,
             "stopped_by_budget": stopped_by_budget,
         },
+        "protected": f"each of the {num_examples} training examples of this run: {dataset}",
+        "not_protected": _unprotected(initial_model),
         "not_covered": (
             "The guarantee covers the released model parameters and everything sampled from "
             "them. The training logs (losses, gradient-norm quantiles, fraction clipped) are "
@@ -141,6 +146,16 @@ def delta_check(delta: float, num_examples: int) -> dict[str, Any]:
     return {"delta_at_least_1_over_n": weak, "delta_warning": warning}
 
 
+def _unprotected(initial_model: dict | None) -> str | None:
+    if initial_model is None:
+        return None
+    how = ("without privacy" if initial_model["phase"] == "pretrain"
+           else "by an earlier DP run, whose own guarantee covers them")
+    return (f"the {initial_model['num_examples']} images that trained the initial model "
+            f"({initial_model['workdir']}, {initial_model['steps']} {initial_model['phase']} "
+            f"steps) {how}: {initial_model['dataset']}")
+
+
 def history_value(history: dict, key: str):
     """The value of `key` over the ledger's phases: one value, a list when it changed, or None
     when the ledger has no step."""
@@ -174,8 +189,11 @@ def format_privacy_report(report: dict[str, Any]) -> str:
         f"Trained: {t['num_trainable_params']:,} of {t['num_params']:,} parameters"
         f"{' matching ' + repr(t['trainable_pattern']) if t['trainable_pattern'] else ''}; "
         f"initialised from {t['init_from'] or 'scratch'}.",
-        f"Data: {t['dataset']}",
+        "",
+        f"Protected: {report['protected']}.",
     ]
+    if report.get("not_protected"):
+        lines.append(f"Not protected by this guarantee: {report['not_protected']}.")
     if t["stopped_by_budget"]:
         lines.append("Training stopped early: the next step would have exceeded the budget.")
     if g.get("seed_fixed_by_config"):

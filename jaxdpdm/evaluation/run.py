@@ -5,6 +5,9 @@ Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
 * FID against the real training split, through the JAX FID Inception, when
   `eval.inception_weights` names a local weights file or `eval.download_inception_weights` lets
   the weights be fetched once into a cache (reference statistics are cached in `WORKDIR/eval/`);
+* label consistency (`label_consistency`): the fraction of samples that a classifier of the
+  real training split assigns to the class they were generated for, overall and per class
+  (it reads real data: not covered by the DP guarantee);
 * downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
   synthetic validation split) and tested on the real test set, beside the same classifier
   trained on the real training data;
@@ -36,7 +39,7 @@ from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
 from jaxdpdm.data import DataSpec, load_dataset
-from jaxdpdm.evaluation import downstream, fid, inception, inception_weights
+from jaxdpdm.evaluation import downstream, fid, inception, inception_weights, label_consistency
 from jaxdpdm import storage
 from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
@@ -210,6 +213,13 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     else:
         report["fid"] = None
 
+    report["label_consistency"] = None
+    if config.model.class_conditional:  # an unconditional model's samples carry no label
+        classifier, class_names = label_consistency.fit_for_config(config, real_test)
+        report["label_consistency"] = label_consistency.label_consistency(
+            classifier, images, labels)
+        report["label_consistency"]["class_names"] = list(class_names)
+
     def progress(epoch: int, metrics: dict) -> None:
         print(f"[classifier {metrics.get('run', '')}] epoch {epoch}/{metrics.get('epochs')} "
               f"loss={metrics.get('train_loss', float('nan')):.4f} "
@@ -252,6 +262,9 @@ def format_summary(report: dict[str, Any]) -> str:
     else:
         lines.append("FID: not computed (set eval.inception_weights to a local weights file, or "
                      "eval.download_inception_weights=True on a machine with internet)")
+    if report.get("label_consistency"):
+        c = report["label_consistency"]
+        lines.append(label_consistency.format_consistency(c, c.get("class_names")))
     data = report.get("data", {})
     lines.append(f"Downstream accuracy on the real test set ({data.get('num_test', '?')} held-out "
                  f"images), trained on synthetic data only: "

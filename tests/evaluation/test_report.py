@@ -200,3 +200,22 @@ def test_delta_of_at_least_one_over_n_is_stated_in_the_report():
     sound = _report(_ledger([(1.2, 0.01, 5)]))
     assert sound["guarantee"]["delta_at_least_1_over_n"] is False
     assert "WARNING" not in report_lib.format_privacy_report(sound)
+
+
+def test_report_names_the_protected_data_and_the_unprotected_pretraining_data():
+    ledger = _ledger([(1.2, 0.01, 2)])
+    config = _config()
+    config.init_from = "/runs/q/pretrain"
+    initial = {"workdir": "/runs/q/pretrain", "phase": "pretrain", "steps": 600,
+               "num_examples": 288, "dataset": "digits [public part]: 288 images"}
+    report = _report(ledger, config, initial_model=initial)
+    assert report["protected"] == ("each of the 1000 training examples of this run: "
+                                   "digits train: 1000 images 8x8x1")
+    assert report["not_protected"].startswith("the 288 images that trained the initial model "
+                                              "(/runs/q/pretrain, 600 pretrain steps) without "
+                                              "privacy: digits [public part]")
+    text = report_lib.format_privacy_report(report)
+    assert f"Protected: {report['protected']}." in text
+    assert f"Not protected by this guarantee: {report['not_protected']}." in text
+    assert _report(ledger)["not_protected"] is None
+    assert "Not protected" not in report_lib.format_privacy_report(_report(ledger))
