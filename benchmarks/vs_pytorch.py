@@ -27,6 +27,7 @@ pixel values. Without torch (or opacus) installed the script says so and exits 0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -372,6 +373,8 @@ RATIOS = (("jax_dp", "torch_func_dp"), ("jax_dp", "opacus_dp"),
 def run_size(args: argparse.Namespace, image_size: int) -> dict:
     """Builds the five steps at one image size and times them; returns a JSON-able dict."""
     cfg = dp_step.model_config(args.preset, image_size, "float32")
+    if args.conv_impl is not None:
+        cfg = dataclasses.replace(cfg, conv_impl=args.conv_impl)
     load_before = os.getloadavg()
     steps, jax_params = jax_steps(cfg, args.batch, args.augmult, args.jax_microbatch)
     torch_models = torch_steps(cfg, args.batch, args.augmult)
@@ -398,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jax-microbatch", type=int, default=None,
                         help="microbatch of the jaxdpdm DP step (default: the batch)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--conv-impl", choices=layers.CONV_IMPLS, default=None,
+                        help="jaxdpdm's UNetConfig.conv_impl (default: the UNet's default)")
     parser.add_argument("--json-out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
     args.jax_microbatch = args.jax_microbatch or args.batch
@@ -419,26 +424,30 @@ def main(argv: list[str] | None = None) -> dict | None:
     env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                opacus=getattr(opacus, "__version__", None),
                xla_flags=os.environ.get("XLA_FLAGS", ""))
-    results = [run_size(args, size) for size in args.image_size]
+    conv_impl = args.conv_impl or unet.UNetConfig.conv_impl
     print(f"{args.preset}, batch {args.batch}, K={args.augmult}, float32, Adam; median of "
           f"{args.repeats} interleaved repeats; jax {env['jax']}, torch {env['torch']} "
           f"({env['torch_threads']} threads), opacus {env['opacus']}; "
-          f"XLA_FLAGS={env['xla_flags']!r}")
-    for r in results:
+          f"XLA_FLAGS={env['xla_flags']!r}; conv_impl {conv_impl}", flush=True)
+    results = []
+    for size in args.image_size:  # each size printed when done: a long run keeps what it has
+        r = run_size(args, size)
+        results.append(r)
         print(f"\n{r['image_size']}x{r['image_size']} ({r['num_params']:,} params), load average "
               f"before {r['loadavg'][:3]} after {r['loadavg'][3:]}")
         for name in STEPS:
             if name in r["medians_s"]:
                 ts = r["times_s"][name]
                 print(f"  {name:<17}{r['medians_s'][name]:8.3f} s  (min {min(ts):.3f}, "
-                      f"max {max(ts):.3f})")
+                      f"max {max(ts):.3f})", flush=True)
     print("\nratios (median / median; < 1 means the left one is faster):")
     for r in results:
         print(f"  {r['image_size']}x{r['image_size']}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     result = {"benchmark": "vs_pytorch", "argv": sys.argv[1:] if argv is None else list(argv),
-              "preset": args.preset, "batch": args.batch, "augmult": args.augmult,
-              "jax_microbatch": args.jax_microbatch, "environment": env, "results": results}
+              "preset": args.preset, "conv_impl": conv_impl, "batch": args.batch,
+              "augmult": args.augmult, "jax_microbatch": args.jax_microbatch, "environment": env,
+              "results": results}
     line = json.dumps(result, sort_keys=True)
     print(line)
     if args.json_out:
