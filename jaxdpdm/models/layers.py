@@ -112,7 +112,7 @@ def conv_patch_matmul_grad(x: jax.Array, kernel: jax.Array, strides: int,
     Why: under `jax.vmap` (per-example gradients for DP-SGD) XLA turns the kernel gradient of a
     convolution into a grouped convolution with one group per example, which XLA:CPU feeds with
     large layout transposes; here it is a batched matmul over examples instead. Measured on CPU
-    (benchmarks/RESULTS.md section 7): with jaxdpdm's default XLA flag it gains little on the DP
+    (benchmarks/RESULTS.md section 10): with jaxdpdm's default XLA flag it gains little on the DP
     step and slows the non-private one, so it is not the default; on GPU it is unmeasured
     (`benchmarks/gpu_check.sh --conv`). The patches take kh*kw times the layer input's memory
     while the kernel gradient is computed.
@@ -158,7 +158,7 @@ class Conv(nn.Module):
         impl: how the kernel gradient is computed; the values, and the mathematics, are the same:
             "xla": XLA's convolution and its own gradient;
             "patch_matmul": `conv_patch_matmul_grad` (kernel gradient as one matmul of input
-                patches). See benchmarks/RESULTS.md section 7 for which is faster where.
+                patches). See benchmarks/RESULTS.md section 10 for which is faster where.
     """
 
     features: int
