@@ -306,28 +306,44 @@ class Bench:
             self._tree_add = jax.jit(lambda x, y: jax.tree.map(jnp.add, x, y))
         return self._tree_add(a, b)
 
-    def measure(self, kind: str, microbatch: int, *, repeats: int, chunks: int = 1) -> Measurement:
-        """Compiles what is missing, warms up once, then times `repeats` steps."""
-        if repeats < 1 or chunks < 1:
-            raise ValueError(f"repeats and chunks must be >= 1; got {repeats}, {chunks}")
+    def stepper(self, kind: str, microbatch: int, *, chunks: int = 1):
+        """`(step, compile_s)`: `step()` runs ONE logical step from the state it left and blocks
+        until it is done, so callers can interleave the steps of several programs.
+
+        `compile_s` is what building this stepper had to compile (0 when cached).
+        """
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1; got {chunks}")
         built = self.has_program(kind, microbatch)
         program = self.program(kind, microbatch)
         had_update = len(_UPDATE_PROGRAMS)
         update, opt_state, update_s = self.update_program(kind)
         compile_s = (0.0 if built else program.compile_s) + (
             update_s if len(_UPDATE_PROGRAMS) > had_update else 0.0)
-        params = self.params
+        state = {"params": self.params, "opt_state": opt_state, "step": 0}
+
+        def step():
+            state["params"], state["opt_state"] = self._one_step(
+                kind, program.accumulate, update, state["params"], state["opt_state"], chunks,
+                state["step"])
+            state["step"] += 1
+            jax.block_until_ready((state["params"], state["opt_state"]))
+
+        return step, compile_s
+
+    def measure(self, kind: str, microbatch: int, *, repeats: int, chunks: int = 1) -> Measurement:
+        """Compiles what is missing, warms up once, then times `repeats` steps."""
+        if repeats < 1 or chunks < 1:
+            raise ValueError(f"repeats and chunks must be >= 1; got {repeats}, {chunks}")
+        step, compile_s = self.stepper(kind, microbatch, chunks=chunks)
+        program = self.program(kind, microbatch)
         start = time.perf_counter()
-        params, opt_state = self._one_step(kind, program.accumulate, update, params, opt_state,
-                                           chunks, 0)
-        jax.block_until_ready(params)
+        step()
         warmup_s = time.perf_counter() - start
         times = []
-        for step in range(1, repeats + 1):
+        for _ in range(repeats):
             start = time.perf_counter()
-            params, opt_state = self._one_step(kind, program.accumulate, update, params,
-                                               opt_state, chunks, step)
-            jax.block_until_ready((params, opt_state))
+            step()
             times.append(time.perf_counter() - start)
         stats = memory_stats()
         peak = stats.get("peak_bytes_in_use") if stats else None

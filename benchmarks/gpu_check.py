@@ -2,6 +2,8 @@
 
     bash benchmarks/gpu_check.sh            # full: H200, < 8 minutes including compiles
     bash benchmarks/gpu_check.sh --smoke    # the same code paths, tiny preset, CPU, < 60 s
+    bash benchmarks/gpu_check.sh --conv     # only: the two `conv_impl`s at K = 4 and K = 32
+    bash benchmarks/gpu_check.sh --conv --smoke
 
 Sections, in order of importance (the full run skips what would start after --budget-s):
 
@@ -20,6 +22,13 @@ Sections, in order of importance (the full run skips what would start after --bu
    ever fetched from a network). Without it, the rest still runs: jaxdpdm.dp loads its
    accounting module (and dp_accounting) only on first use.
 
+`--conv` runs only a step comparison of the UNet's two convolution implementations
+(`UNetConfig.conv_impl`: "xla" and "patch_matmul", whose per-example kernel gradients are batched
+matmuls): the 89M UNet, bfloat16, a chunk of 64 examples, K = 4 (one vmap of 64) and K = 32
+(vmaps of 8, the CIFAR-10 configs' setting); DP and non-private for each, K = 4 first; no item
+starts after --budget-s. Target: the DP step <= 2x the non-private step at K = 4 with an XLA
+footprint per example not above today's ("xla").
+
 Prints compact tables and a final JSON line; writes the JSON to --out, default $OUT/gpu_check.json
 when $OUT is set (after every section, so a run cut short keeps what it measured).
 Exit status 1 if an invariant fails; benchmark errors (e.g. out of memory) are recorded, not fatal.
@@ -37,8 +46,11 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+# dp_step is imported from this folder, not as `benchmarks.dp_step`: Opacus installs a top-level
+# package named `benchmarks` that would shadow this (namespace) folder.
+for _path in (os.path.join(REPO_ROOT, "benchmarks"), REPO_ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 def _prepare_environment(argv: list[str]) -> None:
@@ -74,7 +86,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import dp_step  # noqa: E402
+import dp_step  # noqa: E402
 from jaxdpdm import diffusion, parallel, sampling  # noqa: E402
 from jaxdpdm.dp import dp_aggregate  # noqa: E402
 from jaxdpdm.models import unet  # noqa: E402
@@ -90,6 +102,8 @@ class StepItem:
     chunks: int
     microbatches: tuple[int, ...]
     nonprivate_microbatch: int
+    augmult: int | None = None   # K; None: the plan's
+    conv_impl: str = "xla"       # UNetConfig.conv_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +118,7 @@ class SampleItem:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    invariants: tuple[str, int, int, int]     # preset, image size, rows, microbatch
+    invariants: tuple[str, int, int, int] | None  # preset, image size, rows, microbatch
     augmult: int
     repeats: int
     items: tuple[StepItem | SampleItem, ...]
@@ -134,6 +148,23 @@ SMOKE = Plan(
            StepItem("tiny", 8, "float32", 4, 1, (2,), 2),
            StepItem("tiny", 8, "float32", 4, 2, (2,), 2)),
     accounting=(1_000, 50, 1.0, 10), budget_s=300.0)
+
+
+def _conv_items(preset, size, dtype, chunk, settings):
+    """Step items comparing the conv implementations at each (K, DP microbatch) in settings."""
+    return tuple(StepItem(preset, size, dtype, chunk, 1, (micro,), micro, augmult=k,
+                          conv_impl=impl)
+                 for k, micro in settings for impl in ("xla", "patch_matmul"))
+
+
+# --conv: about 90 s of compile per 89M program on the H200 (section 3 of RESULTS.md), 2 per
+# item, so K = 4 (4 programs) fits in ~7 minutes and K = 32 needs ~6 more: give it --budget-s.
+CONV = Plan(invariants=None, augmult=4, repeats=3,
+            items=_conv_items("paper_cifar", 32, "bfloat16", 64, ((4, 64), (32, 8))),
+            accounting=None, budget_s=420.0)
+CONV_SMOKE = Plan(invariants=None, augmult=2, repeats=1,
+                  items=_conv_items("tiny", 8, "float32", 4, ((2, 4), (4, 2))),
+                  accounting=None, budget_s=300.0)
 
 
 @dataclasses.dataclass
@@ -295,6 +326,8 @@ def bench_sampling(item: SampleItem, params, repeats: int) -> dict:
 
 
 def check_accounting(plan: Plan) -> dict:
+    if plan.accounting is None:
+        return {"skipped": "not in this plan"}
     """Epsilon of an illustrative run with both accountants (CPU), if dp_accounting imports."""
     if not ACCOUNTING_AVAILABLE:
         return {"skipped": "dp_accounting is not installed (no .whl/ wheels carried)"}
@@ -320,7 +353,8 @@ def format_report(results: dict) -> str:
                      f"{c['limit']:>10.3g}  {c['detail']}")
     for step in results["steps"]:
         lines += ["", f"{step['preset']} {step['image_size']}x{step['image_size']} "
-                      f"({step['num_params']:,} params), ratio = DP / non-private",
+                      f"({step['num_params']:,} params), conv_impl {step['conv_impl']}, "
+                      "ratio = DP / non-private",
                   dp_step.format_table(step)]
     if results["sampling"]:
         lines += ["", f"{'sampling':<14}{'dtype':<10}{'batch':>6}{'steps':>6}{'first_s':>9}"
@@ -332,8 +366,9 @@ def format_report(results: dict) -> str:
     lines += ["", f"accounting: {results['accounting']}"]
     for note in results["skipped"] + results["errors"]:
         lines.append(f"note: {note}")
-    lines.append(f"elapsed {results['elapsed_s']:.1f} s; invariants "
-                 f"{'all passed' if results['invariants_passed'] else 'FAILED'}")
+    verdict = ("not run" if not results["invariants"]
+               else "all passed" if results["invariants_passed"] else "FAILED")
+    lines.append(f"elapsed {results['elapsed_s']:.1f} s; invariants {verdict}")
     return "\n".join(lines)
 
 
@@ -349,6 +384,8 @@ def _write_json(path: str | None, results: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU (< 60 s)")
+    parser.add_argument("--conv", action="store_true",
+                        help="only compare the UNet's conv implementations (see above)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no benchmark item after this many seconds (plan default)")
     default_out = os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") \
@@ -361,26 +398,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = SMOKE if args.smoke else FULL
+    plan = {(False, False): FULL, (True, False): SMOKE, (False, True): CONV,
+            (True, True): CONV_SMOKE}[(args.smoke, args.conv)]
     budget = plan.budget_s if args.budget_s is None else args.budget_s
     start = time.perf_counter()
     env = dp_step.environment()
     env.update(accounting_available=ACCOUNTING_AVAILABLE, xla_flags=os.environ.get("XLA_FLAGS", ""))
-    results = {"mode": "smoke" if args.smoke else "full", "environment": env, "invariants": [],
+    mode = ("conv_" if args.conv else "") + ("smoke" if args.smoke else "full")
+    results = {"mode": mode, "environment": env, "invariants": [],
                "steps": [], "sampling": [], "accounting": {}, "skipped": [], "errors": [],
                "section_end_s": {}}
     benches: dict[tuple, dp_step.Bench] = {}
 
-    def bench_for(preset, image_size, dtype, chunk):
-        k = (preset, image_size, dtype, chunk)
+    def bench_for(preset, image_size, dtype, chunk, augmult=None, conv_impl="xla"):
+        augmult = augmult or plan.augmult
+        k = (preset, image_size, dtype, chunk, augmult, conv_impl)
         if k not in benches:
-            benches[k] = dp_step.Bench(dp_step.model_config(preset, image_size, dtype),
-                                       augmult=plan.augmult, chunk_rows=chunk)
+            config = dataclasses.replace(dp_step.model_config(preset, image_size, dtype),
+                                         conv_impl=conv_impl)
+            benches[k] = dp_step.Bench(config, augmult=augmult, chunk_rows=chunk)
         return benches[k]
 
     def params_for(preset, image_size):
         """Parameters of an existing Bench of this architecture (the same init), else fresh."""
-        for (p, s, _, _), bench in benches.items():
+        for (p, s, *_), bench in benches.items():
             if (p, s) == (preset, image_size):
                 return bench.params
         return unet.init_params(dp_step.model_config(preset, image_size, "float32"),
@@ -390,22 +431,24 @@ def main(argv: list[str] | None = None) -> int:
         results["elapsed_s"] = time.perf_counter() - start
         results["section_end_s"][name] = round(results["elapsed_s"], 2)
         print(f"[{results['elapsed_s']:6.1f} s] done: {name}", flush=True)
-        results["invariants_passed"] = bool(results["invariants"]) and all(
-            c["passed"] for c in results["invariants"])
+        results["invariants_passed"] = (plan.invariants is None or bool(results["invariants"])
+                                        ) and all(c["passed"] for c in results["invariants"])
         _write_json(args.out, results)
 
-    preset, size, rows, micro = plan.invariants
-    # Invariants run at full float32 precision: on GPUs, default-precision float32 matmuls use
-    # TF32, whose rounding would swamp the 1e-5 tolerances (on CPU this changes nothing).
-    precise = (contextlib.nullcontext() if jax.default_backend() == "cpu"
-               else jax.default_matmul_precision("highest"))
-    try:
-        with precise:
-            checks = check_invariants(bench_for(preset, size, "float32", rows), micro)
-    except Exception as err:  # noqa: BLE001  (recorded as a failed check; benchmarks still run)
-        checks = [Check("invariants_ran", False, 1.0, 0.0, f"{type(err).__name__}: {err}"[:400])]
-    results["invariants"] = [dataclasses.asdict(c) for c in checks]
-    finish_section("invariants")
+    if plan.invariants is not None:
+        preset, size, rows, micro = plan.invariants
+        # Invariants run at full float32 precision: on GPUs, default-precision float32 matmuls use
+        # TF32, whose rounding would swamp the 1e-5 tolerances (on CPU this changes nothing).
+        precise = (contextlib.nullcontext() if jax.default_backend() == "cpu"
+                   else jax.default_matmul_precision("highest"))
+        try:
+            with precise:
+                checks = check_invariants(bench_for(preset, size, "float32", rows), micro)
+        except Exception as err:  # noqa: BLE001  (a failed check; the benchmarks still run)
+            checks = [Check("invariants_ran", False, 1.0, 0.0,
+                            f"{type(err).__name__}: {err}"[:400])]
+        results["invariants"] = [dataclasses.asdict(c) for c in checks]
+        finish_section("invariants")
 
     for item in plan.items:
         if time.perf_counter() - start > budget:
@@ -413,12 +456,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             if isinstance(item, StepItem):
-                bench = bench_for(item.preset, item.image_size, item.dtype, item.chunk)
+                bench = bench_for(item.preset, item.image_size, item.dtype, item.chunk,
+                                  item.augmult, item.conv_impl)
                 step = dp_step.compare(bench, list(item.microbatches),
                                        nonprivate_microbatch=item.nonprivate_microbatch,
                                        repeats=plan.repeats, chunks=item.chunks)
                 results["steps"].append({"preset": item.preset, "image_size": item.image_size,
-                                         "num_params": bench.num_params, **step})
+                                         "num_params": bench.num_params,
+                                         "conv_impl": item.conv_impl, **step})
             else:
                 results["sampling"].append(bench_sampling(
                     item, params_for(item.preset, item.image_size), plan.repeats))

@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # full run: one GPU, < 8 minutes on an H200
 #   bash benchmarks/gpu_check.sh --smoke    # tiny preset on CPU, < 60 s on a quiet machine
+#   bash benchmarks/gpu_check.sh --conv     # only the two conv implementations, K = 4 and 32
+#                                           # (89M UNet; K = 4 part ~7 min, --budget-s=900 for all)
 #
 # Needs python3 with jax (CUDA), flax, optax, numpy, scipy, etils; no TensorFlow and no network.
 # jaxdpdm is used from this checkout (PYTHONPATH), not installed. dp_accounting (only for the

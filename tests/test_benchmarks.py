@@ -81,8 +81,8 @@ def test_gpu_check_runs_without_dp_accounting():
     code = textwrap.dedent(f"""
         import sys
         sys.modules["dp_accounting"] = None  # `import dp_accounting` now fails
-        sys.path.insert(0, {str(REPO_ROOT)!r})
-        from benchmarks import gpu_check
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import gpu_check
         import jaxdpdm.parallel, jaxdpdm.sampling
         assert not gpu_check.ACCOUNTING_AVAILABLE
         assert "skipped" in gpu_check.check_accounting(gpu_check.SMOKE)
@@ -155,3 +155,62 @@ def test_dp_step_main_prints_a_table_and_one_json_line(dp_step, monkeypatch, cap
     assert json.loads(lines[-1]) == json.loads(out_file.read_text()) == json.loads(
         json.dumps(result, sort_keys=True))
     assert result["num_params"] == 123 and result["environment"]["jax"] == jax.__version__
+
+
+def _vs_pytorch():
+    pytest.importorskip("torch")
+    return _load("vs_pytorch")
+
+
+def test_vs_pytorch_port_computes_the_same_unet():
+    """Same parameter count for every preset, and the same function: jaxdpdm's tiny UNet with
+    random (nowhere zero) weights, copied into the port, gives the same noise prediction."""
+    torch = pytest.importorskip("torch")
+    vs = _vs_pytorch()
+    from jaxdpdm.models import unet
+    for preset in unet.PRESET_NAMES:
+        config = unet.unet_preset(preset)
+        assert vs.torch_parameter_count(config) == unet.count_parameters(config), preset
+    config = unet.unet_preset("tiny")
+    params = unet.init_params(config, jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
+                                          for k, x in zip(keys, leaves)])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+    t, y = np.array([0, 500, 999], np.int32), np.array([0, 7, 10], np.int32)
+    expected = unet.make_apply_fn(config, train=False)(params, x, t, y, None)
+    model = vs.TorchUNet(config).eval()
+    vs.load_flax_params(model, params)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(),
+                    torch.from_numpy(y).long()).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_vs_pytorch_without_torch_says_so_and_returns(monkeypatch, capsys):
+    vs = _vs_pytorch()
+    monkeypatch.setattr(vs, "torch", None)
+    assert vs.main(["--preset=tiny", "--image-size=8", "--batch=4"]) is None
+    assert "torch is not installed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        vs.parse_args(["--batch=6", "--jax-microbatch=4"])
+
+
+def test_vs_pytorch_torch_steps_run_and_train():
+    """Each PyTorch step (non-private, torch.func DP, Opacus DP) runs and changes the weights."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)  # a tiny model; several threads only spin on a shared machine
+    vs = _vs_pytorch()
+    from jaxdpdm.models import unet
+    steps = vs.torch_steps(unet.unet_preset("tiny"), batch=3, augmult=2)
+    assert set(steps) == {"torch_nonprivate", "torch_func_dp"} | (
+        {"opacus_dp"} if vs.opacus is not None else set())
+    for name, (model, step) in steps.items():
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+        # The DP steps' noise moves every parameter; without noise, the zero-initialised last
+        # convs leave some gradients exactly zero at the first step.
+        assert all(changed) if name.endswith("_dp") else any(changed), name

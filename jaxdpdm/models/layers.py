@@ -12,6 +12,7 @@ computed in float32 whatever the compute dtype, because bfloat16 has too few man
 sums over thousands of elements.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -92,21 +93,98 @@ class GroupNorm(nn.Module):
         )(x)
 
 
-def conv3x3(
-    features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1, name: str | None = None
-) -> nn.Conv:
+CONV_IMPLS = ("xla", "patch_matmul")
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
+    """`[B, H, W, Cin]` * `[kh, kw, Cin, Cout]` -> `[B, H', W', Cout]` (XLA's convolution)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_patch_matmul_grad(x: jax.Array, kernel: jax.Array, strides: int,
+                           padding: int) -> jax.Array:
+    """XLA's convolution whose KERNEL gradient is one matmul of input patches with the output
+    gradient; the value and the input gradient are XLA's own. Same mathematics as `conv_nhwc`.
+
+    Why: under `jax.vmap` (per-example gradients for DP-SGD) XLA turns the kernel gradient of a
+    convolution into a grouped convolution with one group per example, which XLA:CPU feeds with
+    large layout transposes; here it is a batched matmul over examples instead. Measured on CPU
+    (benchmarks/RESULTS.md section 10): with jaxdpdm's default XLA flag it gains little on the DP
+    step and slows the non-private one, so it is not the default; on GPU it is unmeasured
+    (`benchmarks/gpu_check.sh --conv`). The patches take kh*kw times the layer input's memory
+    while the kernel gradient is computed.
+    """
+    return conv_nhwc(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+    return conv_nhwc(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: conv_nhwc(x_, kernel, strides, padding), x)
+    (dx,) = input_vjp(g)
+    kh, kw = kernel.shape[:2]
+    out_h, out_w = g.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    # patches[b, h, w, (i*kw + j)*Cin + c] = xp[b, h*s + i, w*s + j, c]: the input under each tap.
+    patches = jnp.concatenate(
+        [xp[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
+         for i in range(kh) for j in range(kw)], axis=-1)
+    dkernel = jnp.einsum("bhwp,bhwo->po", patches, g.astype(x.dtype),
+                         preferred_element_type=jnp.float32)
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_patch_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Conv(nn.Module):
+    """Square convolution with bias, `[B, H, W, Cin]` -> `[B, H/strides, W/strides, features]`.
+
+    Parameters are named like `flax.linen.Conv`'s ("kernel" `[k, k, Cin, features]`, "bias"), so
+    checkpoints do not depend on `impl`.
+
+    Attributes:
+        features: output channels.
+        kernel_size: k (odd); padding (k - 1) / 2 keeps the size at stride 1.
+        strides: stride in both directions.
+        zero: zero-initialise the kernel (last layer of a residual branch).
+        dtype: compute dtype (parameters stay float32).
+        impl: how the kernel gradient is computed; the values, and the mathematics, are the same:
+            "xla": XLA's convolution and its own gradient;
+            "patch_matmul": `conv_patch_matmul_grad` (kernel gradient as one matmul of input
+                patches). See benchmarks/RESULTS.md section 10 for which is faster where.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    zero: bool = False
+    dtype: Dtype = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {self.impl!r}")
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        init = zero_init if self.zero else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        conv = conv_patch_matmul_grad if self.impl == "patch_matmul" else conv_nhwc
+        return conv(x, kernel, self.strides, (self.kernel_size - 1) // 2) + bias
+
+
+def conv3x3(features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1,
+            impl: str = "xla", name: str | None = None) -> Conv:
     """3x3 convolution with padding 1 (a stride-2 one halves even sizes exactly)."""
-    kwargs = {"kernel_init": zero_init} if zero else {}
-    return nn.Conv(
-        features,
-        (3, 3),
-        strides=(strides, strides),
-        padding=((1, 1), (1, 1)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-        **kwargs,
-    )
+    return Conv(features, 3, strides=strides, zero=zero, dtype=dtype, impl=impl, name=name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -125,16 +203,19 @@ class Downsample(nn.Module):
     Attributes:
         use_conv: learnable stride-2 conv instead of a parameter-free average pool.
         dtype: compute dtype.
+        conv_impl: `Conv.impl` of its convolutions.
     """
 
     use_conv: bool = True
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
         if self.use_conv:
-            return conv3x3(x.shape[-1], self.dtype, strides=2, name="conv")(x)
+            return conv3x3(x.shape[-1], self.dtype, strides=2, impl=self.conv_impl,
+                           name="conv")(x)
         return downsample_avg(x)
 
 
@@ -144,17 +225,19 @@ class Upsample(nn.Module):
     Attributes:
         use_conv: follow the repeat with a 3x3 conv that smooths the blocky upsampling.
         dtype: compute dtype.
+        conv_impl: `Conv.impl` of its convolutions.
     """
 
     use_conv: bool = True
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, 2H, 2W, C]`."""
         x = upsample_nearest(x)
         if self.use_conv:
-            x = conv3x3(x.shape[-1], self.dtype, name="conv")(x)
+            x = conv3x3(x.shape[-1], self.dtype, impl=self.conv_impl, name="conv")(x)
         return x
 
 
@@ -171,6 +254,7 @@ class ResBlock(nn.Module):
         up: double the spatial size inside the block.
         down: halve the spatial size inside the block.
         dtype: compute dtype.
+        conv_impl: `Conv.impl` of its convolutions.
     """
 
     out_channels: int
@@ -178,6 +262,7 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
@@ -198,7 +283,7 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
             h, x = downsample_avg(h), downsample_avg(x)
-        h = conv3x3(self.out_channels, self.dtype, name="in_conv")(h)
+        h = conv3x3(self.out_channels, self.dtype, impl=self.conv_impl, name="in_conv")(h)
 
         # One Dense gives both scale and shift per channel; the "1 +" makes a zero scale the
         # identity, so the conditioning starts as a small perturbation of plain GroupNorm.
@@ -208,17 +293,13 @@ class ResBlock(nn.Module):
         scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
         h = GroupNorm(self.dtype, name="out_norm")(h) * (1 + scale) + shift
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(nn.silu(h))
-        h = conv3x3(self.out_channels, self.dtype, zero=True, name="out_conv")(h)
+        h = conv3x3(self.out_channels, self.dtype, zero=True, impl=self.conv_impl,
+                    name="out_conv")(h)
 
         if x.shape[-1] != self.out_channels:
             # 1x1 projection of the skip path when the width changes.
-            x = nn.Conv(
-                self.out_channels,
-                (1, 1),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="skip_proj",
-            )(x)
+            x = Conv(self.out_channels, 1, dtype=self.dtype, impl=self.conv_impl,
+                     name="skip_proj")(x)
         return x + h
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpdm.models.layers import (
+    CONV_IMPLS,
     AttentionBlock,
     Downsample,
     GroupNorm,
@@ -68,6 +69,8 @@ class UNetConfig:
             after nearest upsampling; otherwise parameter-free average pooling / nearest repeat.
         dtype: compute dtype: float32, bfloat16 (or float16). Parameters are always float32 and
             the output is always float32.
+        conv_impl: how the convolutions compute their kernel gradient, `layers.CONV_IMPLS`
+            (same values and mathematics; only speed and memory differ; see `layers.Conv`).
     """
 
     image_size: int
@@ -82,6 +85,7 @@ class UNetConfig:
     resblock_updown: bool = False
     conv_resample: bool = True
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     def __post_init__(self):
         # Normalise container/dtype types first so that equal configs hash equally.
@@ -160,6 +164,8 @@ class UNetConfig:
         for name in ("resblock_updown", "conv_resample"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}")
         if self.dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
@@ -206,7 +212,8 @@ class UNet(nn.Module):
             )
         dtype = cfg.dtype
         dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32)
-        resblock = functools.partial(ResBlock, dropout=cfg.dropout, dtype=dtype)
+        resblock = functools.partial(ResBlock, dropout=cfg.dropout, dtype=dtype,
+                                     conv_impl=cfg.conv_impl)
         attention = functools.partial(AttentionBlock, num_heads=cfg.num_heads, dtype=dtype)
 
         emb = timestep_embedding(t, cfg.base_channels).astype(dtype)
@@ -221,7 +228,8 @@ class UNet(nn.Module):
                 name="label_embed",
             )(y)
 
-        h = conv3x3(cfg.base_channels * cfg.channel_mult[0], dtype, name="in_conv")(x.astype(dtype))
+        h = conv3x3(cfg.base_channels * cfg.channel_mult[0], dtype, impl=cfg.conv_impl,
+                    name="in_conv")(x.astype(dtype))
         skips = [h]
         for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.level_resolutions)):
             for i in range(cfg.num_res_blocks):
@@ -236,7 +244,7 @@ class UNet(nn.Module):
                 if cfg.resblock_updown:
                     h = resblock(h.shape[-1], down=True, name=name)(h, emb, train=train)
                 else:
-                    h = Downsample(cfg.conv_resample, dtype, name=name)(h)
+                    h = Downsample(cfg.conv_resample, dtype, cfg.conv_impl, name=name)(h)
                 skips.append(h)
 
         h = resblock(h.shape[-1], name="middle_block_0")(h, emb, train=train)
@@ -258,10 +266,10 @@ class UNet(nn.Module):
                 if cfg.resblock_updown:
                     h = resblock(h.shape[-1], up=True, name=name)(h, emb, train=train)
                 else:
-                    h = Upsample(cfg.conv_resample, dtype, name=name)(h)
+                    h = Upsample(cfg.conv_resample, dtype, cfg.conv_impl, name=name)(h)
 
         h = nn.silu(GroupNorm(dtype, name="out_norm")(h))
-        out = conv3x3(cfg.in_channels, dtype, zero=True, name="out_conv")(h)
+        out = conv3x3(cfg.in_channels, dtype, zero=True, impl=cfg.conv_impl, name="out_conv")(h)
         return out.astype(jnp.float32)
 
 

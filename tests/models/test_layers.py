@@ -1,5 +1,5 @@
-"""Tests of jaxdpdm.models.layers: the GroupNorm group rule, the timestep embedding and the
-shapes of the resampling blocks."""
+"""Tests of jaxdpdm.models.layers: the GroupNorm group rule, the timestep embedding, the
+shapes of the resampling blocks and the two convolution implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 
 from jaxdpdm.models.layers import (
+    CONV_IMPLS,
     AttentionBlock,
+    Conv,
     Downsample,
     GroupNorm,
     ResBlock,
     Upsample,
+    conv_nhwc,
+    conv_patch_matmul_grad,
     group_norm_groups,
     timestep_embedding,
 )
@@ -80,3 +84,33 @@ def test_attention_heads_must_divide_channels():
     x = jnp.ones((2, 4, 4, 8))
     with pytest.raises(ValueError, match="does not divide"):
         jax.eval_shape(lambda: AttentionBlock(num_heads=3).init(jax.random.key(1), x))
+
+
+@pytest.mark.parametrize("kernel_size,strides", [(3, 1), (3, 2), (1, 1)])
+def test_patch_matmul_conv_has_xla_values_and_gradients(kernel_size, strides):
+    """Per-example (vmap of grad) and batched gradients of both conv implementations agree."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))  # [examples, K, H, W, Cin]
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 5))
+    padding = (kernel_size - 1) // 2
+
+    def grads(conv):
+        def loss(w, xe):
+            return jnp.sum(jnp.sin(conv(xe, w, strides, padding)))
+        per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)), (None, 0))(kernel, x)
+        batched = jax.grad(loss, argnums=(0, 1))(kernel, x.reshape((6, 6, 6, 4)))
+        return conv(x[0], kernel, strides, padding), per_example, batched
+
+    expected, got = grads(conv_nhwc), grads(conv_patch_matmul_grad)
+    np.testing.assert_array_equal(got[0], expected[0])
+    for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(expected[1:])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impls_share_parameters_and_reject_unknown_impl():
+    x = jnp.ones((2, 8, 8, 3))
+    shapes = [jax.tree.map(jnp.shape, Conv(4, impl=impl).init(jax.random.key(0), x))
+              for impl in CONV_IMPLS]
+    assert all(s == shapes[0] for s in shapes)
+    assert shapes[0] == {"params": {"kernel": (3, 3, 3, 4), "bias": (4,)}}
+    with pytest.raises(ValueError, match="conv impl"):
+        Conv(4, impl="im2col").init(jax.random.key(0), x)

@@ -1,0 +1,45 @@
+"""Tests of jaxdpdm/__init__.py: the default XLA flags and how the user overrides them."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jaxdpdm
+from jaxdpdm import DEFAULT_XLA_FLAGS, xla_flags_with_defaults
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_user_flags_win_and_defaults_fill_in():
+    assert xla_flags_with_defaults("", ("--a=1", "--b")) == "--a=1 --b"
+    assert xla_flags_with_defaults("--a=2  --c=3", ("--a=1", "--b")) == "--a=2 --c=3 --b"
+    # Idempotent: importing twice (or in a child process) does not repeat a flag.
+    once = xla_flags_with_defaults("--c=3")
+    assert xla_flags_with_defaults(once) == once
+    assert all(flag.startswith("--xla_cpu_") for flag in DEFAULT_XLA_FLAGS)  # CPU-only flags
+    assert jaxdpdm.__version__
+
+
+def _xla_flags_after(code: str, **env) -> list[str]:
+    """XLA_FLAGS and XLA_DEFAULTS_APPLIED as a fresh interpreter sees them after `code`."""
+    script = textwrap.dedent(code) + textwrap.dedent("""
+        import os, jaxdpdm
+        print(jaxdpdm.XLA_DEFAULTS_APPLIED)
+        print(os.environ.get("XLA_FLAGS", ""))
+    """)
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXDPDM_XLA_DEFAULTS")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=300, check=True)
+    return proc.stdout.splitlines()[-2:]
+
+
+def test_flags_set_before_jax_runs_and_left_alone_after():
+    defaults = " ".join(DEFAULT_XLA_FLAGS)
+    # jax imported first is fine: XLA reads its flags when the first backend is created.
+    assert _xla_flags_after("import jax") == ["True", defaults]
+    assert _xla_flags_after("", XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot") == [
+        "True", "--xla_cpu_experimental_ynn_fusion_type=dot"]
+    assert _xla_flags_after("", JAXDPDM_XLA_DEFAULTS="0") == ["False", ""]
+    # Too late once a backend exists: nothing is changed (the process keeps XLA's defaults).
+    assert _xla_flags_after("import jax; jax.numpy.ones(1).block_until_ready()") == ["False", ""]
