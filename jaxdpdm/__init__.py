@@ -11,11 +11,14 @@ jaxdpdm is imported before any JAX computation runs (importing jax first is fine
 code first is not: then the flags are left out, silently, and the process runs on XLA's
 defaults). The user always wins: a flag already named in `XLA_FLAGS` keeps the user's value,
 and `JAXDPDM_XLA_DEFAULTS=0` turns the defaults off altogether. The flags touch only XLA:CPU, so
-GPU and TPU programs are unchanged.
+GPU and TPU programs are unchanged. They are applied only with the jaxlib releases they were
+measured on (`TESTED_JAXLIB_PREFIXES`): XLA aborts the process on a flag it does not know, and
+experimental flags are renamed or removed between releases.
 """
 
 import os
 import sys
+from importlib import metadata
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 # cpu_small UNet (batch 64, K = 4): the DP step 1.36-1.41x faster, the non-private step
 # 1.16-1.20x, gradients unchanged to 5e-7 (see benchmarks/RESULTS.md).
 DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",)
+TESTED_JAXLIB_PREFIXES = ("0.10.",)
 
 
 def xla_flags_with_defaults(user_flags: str, defaults=DEFAULT_XLA_FLAGS) -> str:
@@ -39,6 +43,12 @@ def xla_flags_with_defaults(user_flags: str, defaults=DEFAULT_XLA_FLAGS) -> str:
 def _apply_default_xla_flags() -> bool:
     """Sets `XLA_FLAGS` unless opted out or too late (a JAX backend exists); True if set."""
     if os.environ.get("JAXDPDM_XLA_DEFAULTS", "1") == "0":
+        return False
+    try:
+        jaxlib_version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return False
+    if not jaxlib_version.startswith(TESTED_JAXLIB_PREFIXES):
         return False
     bridge = sys.modules.get("jax._src.xla_bridge")
     if bridge is not None and bridge.backends_are_initialized():

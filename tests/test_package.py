@@ -43,3 +43,13 @@ def test_flags_set_before_jax_runs_and_left_alone_after():
     assert _xla_flags_after("", JAXDPDM_XLA_DEFAULTS="0") == ["False", ""]
     # Too late once a backend exists: nothing is changed (the process keeps XLA's defaults).
     assert _xla_flags_after("import jax; jax.numpy.ones(1).block_until_ready()") == ["False", ""]
+
+
+def test_flags_left_out_on_jaxlib_releases_they_were_not_measured_on():
+    # XLA aborts on a flag it does not know, so an untested jaxlib gets XLA's defaults.
+    fake_version = """
+        from importlib import metadata
+        real = metadata.version
+        metadata.version = lambda name: "99.0.0" if name == "jaxlib" else real(name)
+    """
+    assert _xla_flags_after(fake_version) == ["False", ""]
