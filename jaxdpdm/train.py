@@ -245,6 +245,7 @@ class Trainer:
         self.state = state
         self.step = int(state["step"])
         self._saved_step = self.step if latest is not None else None
+        self._failed_save_step = None  # a step whose checkpoint write raised (never retried)
 
     def _meta(self) -> dict:
         meta = {"config": self.config.to_json(), "phase": self.config.phase,
@@ -264,11 +265,17 @@ class Trainer:
         delivered to their handlers: an interrupt never leaves a half-written checkpoint behind
         or starts a second write of the same step.
         """
-        if self._saved_step == self.step:
+        if self._saved_step == self.step or self._failed_save_step == self.step:
             return
         with signals_deferred():
             pause_for_tests("checkpoint_write", self.step)
-            self.store.save(self.step, self.state, self._meta())
+            try:
+                self.store.save(self.step, self.state, self._meta())
+            except BaseException:
+                # A write that failed (full disk, read-only mount) would fail again: the crash
+                # handler must not retry it, or its error is buried under the retry's.
+                self._failed_save_step = self.step
+                raise
             self._saved_step = self.step
 
     # --- one step --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ programs are shared between tests through the persistent compilation cache.
 """
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -260,6 +261,23 @@ def test_sigterm_in_a_step_that_ends_on_a_checkpoint_exits_143(tmp_path, tiny_co
         trainer.run()
     assert info.value.code == 143
     assert trainer.store.all_steps() == [2]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_failed_checkpoint_write_is_not_retried_by_the_crash_handler(tmp_path, tiny_config):
+    # A full disk: the first write's error must reach the user, not a retry's second traceback.
+    trainer = Trainer(tiny_config(), str(tmp_path))  # checkpoint_every=2
+    attempts = []
+
+    def disk_full(step, state, meta):
+        attempts.append(step)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints"))
+
+    trainer.store.save = disk_full
+    with pytest.raises(OSError) as info:
+        trainer.run()
+    assert info.value.errno == errno.ENOSPC
+    assert attempts == [2]
     assert not (tmp_path / LOCK_NAME).exists()
 
 
