@@ -13,8 +13,11 @@ ledger disagree. No RNG state is stored: all randomness derives from `(seed, ste
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -76,7 +79,14 @@ class CheckpointStore:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Writes `state` (array pytree) and `meta` (JSON-serialisable dict) as checkpoint `step`."""
+        """Writes `state` (array pytree) and `meta` (JSON-serialisable dict) as checkpoint `step`.
+
+        Raises:
+            OSError(ENOSPC): before anything is written, when a local disk has less free space
+                than the arrays' size. orbax's own failure on a full disk surfaces as a wall of
+                asyncio tracebacks from tensorstore's threads; this check fails first, cleanly.
+        """
+        self._check_free_space(step, state)
         self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -84,6 +94,19 @@ class CheckpointStore:
                 force=True,
         )
         self._manager.wait_until_finished()
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        if storage.is_remote(self.directory):
+            return
+        needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+        existing = self.directory
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"No space left on device (checkpoint {step} needs about "
+                          f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)",
+                          self.directory)
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Reads only the JSON metadata of checkpoint `step` (default: the newest)."""

@@ -255,3 +255,20 @@ def test_reinit_pattern_does_not_excuse_other_mismatches(pretrained):
 def test_load_init_params_without_a_checkpoint_raises_file_not_found(tmp_path, make_path):
     with pytest.raises(FileNotFoundError):
         checkpoint.load_init_params(str(make_path(tmp_path)), _params())
+
+
+def test_a_disk_too_full_for_the_arrays_refuses_before_writing(tmp_path, monkeypatch):
+    # orbax's own full-disk failure is a wall of tracebacks from tensorstore's threads.
+    import collections
+    import errno
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    try:
+        with pytest.raises(OSError) as info:
+            store.save(2, {"w": np.zeros((64, 64), np.float32)}, {"step": 2})
+        assert info.value.errno == errno.ENOSPC and "needs about" in str(info.value)
+        assert store.all_steps() == []
+    finally:
+        store.close()
