@@ -445,6 +445,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def emit_json(result: dict, path: str | None) -> None:
+    """Prints `result` as one sorted JSON line (the machine-readable record) and writes it to
+    `path` too when one is given."""
+    line = json.dumps(result, sort_keys=True)
+    print(line)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     config = model_config(args.preset, args.image_size, args.dtype)
@@ -457,11 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{args.preset} {config.image_size}x{config.image_size}, {bench.num_params:,} params, "
           f"K={args.augmult}, {args.repeats} repeats, median; ratio = DP / non-private")
     print(format_table(result))
-    line = json.dumps(result, sort_keys=True)
-    print(line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
+    emit_json(result, args.json_out)
     return result
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -448,11 +447,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "preset": args.preset, "conv_impl": conv_impl, "batch": args.batch,
               "augmult": args.augmult, "jax_microbatch": args.jax_microbatch, "environment": env,
               "results": results}
-    line = json.dumps(result, sort_keys=True)
-    print(line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
+    dp_step.emit_json(result, args.json_out)
     return result
 
 
