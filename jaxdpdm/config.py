@@ -181,6 +181,12 @@ def get_config(arg=None):
     config.eval.classifier_learning_rate = 3e-4
     config.eval.augment = "mnist"  # "mnist", "cifar" or "none"
     config.eval.train_real_reference = True
+    # With data.public_fraction > 0, the real public images also train two more downstream
+    # classifiers, tested like the synthetic one: public images only (the baseline) and public
+    # images + synthetic set. None: on whenever the data has a public part; False: off (the
+    # synthetic-only classifier is still scored on the public images, a selection metric that
+    # costs no training). True needs data.public_fraction > 0.
+    config.eval.public_mix = config_dict.placeholder(bool)
     # Label consistency (jaxdpdm.evaluation.label_consistency): a classifier of the real training
     # split labels the synthetic images. "logistic" (scikit-learn) or "cnn".
     config.eval.label_classifier = "logistic"
@@ -305,5 +311,9 @@ def validate_config(config) -> None:
            f"eval.label_classifier must be one of {LABEL_CLASSIFIERS}")
     _check(e.label_consistency_samples >= 0, "eval.label_consistency_samples must be >= 0")
     _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
+    _check(e.public_mix is not True or data.public_fraction > 0,
+           "eval.public_mix=True trains on the real public images, but data.public_fraction "
+           "is 0 (no public part); set data.public_fraction and data.subset, or leave "
+           "eval.public_mix unset")
     _check(e.fid_batch_size >= 1 and e.classifier_batch_size >= 1,
            "eval.fid_batch_size and eval.classifier_batch_size must be >= 1")

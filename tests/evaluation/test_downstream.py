@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from jaxdpdm.evaluation import downstream
 from jaxdpdm.evaluation.downstream import (TrainConfig, accuracy, augment_images,
                                            evaluate_downstream, predict, split_holdout,
                                            sweep_configs, train_classifier)
@@ -174,3 +175,77 @@ def test_train_classifier_rejects_bad_inputs(digits):
         train_classifier(images[:10].astype(np.float32), labels[:10], images[:5], labels[:5], CFG)
     with pytest.raises(ValueError, match="labels must lie"):
         train_classifier(images[:10], labels[:10], images[:5], labels[:5], CFG, num_classes=2)
+
+
+def test_public_images_give_a_selection_metric_and_two_more_classifiers(digits, monkeypatch):
+    """Real public images: synthetic -> public scoring, public-only and public + synthetic
+    classifiers; no epoch or candidate is chosen on the test set, and the synthetic-only
+    numbers are those of a run without public images."""
+    images, labels = digits
+    synthetic, real_train = (images[:300], labels[:300]), (images[300:600], labels[300:600])
+    public, test = (images[600:900], labels[600:900]), (images[900:1200], labels[900:1200])
+    cfg = dataclasses.replace(CFG, epochs=3, learning_rate=3e-3)
+    sweep = {"learning_rate": [3e-3, 1e-3]}
+    calls = []
+    real_train_classifier = downstream.train_classifier
+
+    def spy(fit_images, fit_labels, val_images, val_labels, recipe, **kwargs):
+        calls.append((fit_images, val_images, sorted(kwargs.get("monitor_sets") or {})))
+        return real_train_classifier(fit_images, fit_labels, val_images, val_labels, recipe,
+                                     **kwargs)
+
+    monkeypatch.setattr(downstream, "train_classifier", spy)
+    report = evaluate_downstream(synthetic, real_train, test, cfg, sweep=sweep, public=public,
+                                 real_reference=False)
+    json.dumps(report)
+    for key in ("synthetic_to_real_public_accuracy", "public_to_real_test_accuracy",
+                "public_plus_synthetic_to_real_test_accuracy"):
+        assert 0.0 <= report[key] <= 1.0
+    rows = report["sweep"]["candidates"]
+    chosen = rows[report["sweep"]["chosen_by_synthetic_val"]]
+    assert report["synthetic_to_real_public_accuracy"] == chosen["real_public_accuracy"]
+    assert chosen["real_public_accuracy"] == pytest.approx(
+        chosen["real_public_accuracy_by_epoch"][chosen["selected_epoch"] - 1])
+    assert report["sweep"]["chosen_by_real_public"] == int(np.argmax(
+        [row["real_public_accuracy"] for row in rows]))
+    # Measured 0.28 (public only: 24 steps on 270 digits) and 0.57 (public + "synthetic" real
+    # digits: 48 steps on 540); chance is 0.1.
+    assert report["public_to_real_test_accuracy"] > 0.15
+    assert (report["public_plus_synthetic_to_real_test_accuracy"]
+            > report["public_to_real_test_accuracy"])
+
+    # Which data each training saw: 2 synthetic candidates, public only, public + synthetic.
+    synthetic_fit, synthetic_val = split_holdout(*synthetic, cfg.val_fraction, cfg.seed)
+    public_fit, public_val = split_holdout(*public, cfg.val_fraction, cfg.seed)
+    assert [monitored for *_, monitored in calls] == [["real_public", "real_val"]] * 2 + [[]] * 2
+    np.testing.assert_array_equal(calls[2][0], public_fit[0])
+    np.testing.assert_array_equal(calls[2][1], public_val[0])
+    np.testing.assert_array_equal(calls[3][0], np.concatenate([synthetic_fit[0], public_fit[0]]))
+    np.testing.assert_array_equal(calls[3][1], np.concatenate([synthetic_val[0], public_val[0]]))
+    sizes = report["num_examples"]
+    assert sizes["public"] == 300
+    assert report["public"]["public_plus_synthetic"]["num_train"] == (
+        sizes["synthetic_train"] + len(public_fit[1]))
+
+    # Scrambled test labels change test accuracies only, never a choice.
+    scrambled = (test[0], np.random.default_rng(3).permutation(test[1]))
+    again = evaluate_downstream(synthetic, real_train, scrambled, cfg, sweep=sweep, public=public,
+                                real_reference=False)
+    for key in ("chosen_by_synthetic_val", "chosen_by_real_public"):
+        assert again["sweep"][key] == report["sweep"][key]
+    for run in ("public_only", "public_plus_synthetic"):
+        assert again["public"][run]["selected_epoch"] == report["public"][run]["selected_epoch"]
+    assert again["public_to_real_test_accuracy"] != report["public_to_real_test_accuracy"]
+
+    # Without public images (or without the mix): the synthetic-only numbers are unchanged.
+    plain = evaluate_downstream(synthetic, real_train, test, cfg, sweep=sweep,
+                                real_reference=False)
+    assert plain["synthetic_to_real_test_accuracy"] == report["synthetic_to_real_test_accuracy"]
+    assert plain["selected"] == report["selected"]
+    assert plain["public"] is None and plain["public_to_real_test_accuracy"] is None
+    calls.clear()
+    no_mix = evaluate_downstream(synthetic, real_train, test, cfg, public=public,
+                                 real_reference=False, public_mix=False)
+    assert len(calls) == 1 and no_mix["public"]["public_only"] is None
+    assert no_mix["public_plus_synthetic_to_real_test_accuracy"] is None
+    assert 0.0 <= no_mix["synthetic_to_real_public_accuracy"] <= 1.0
