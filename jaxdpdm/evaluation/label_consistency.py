@@ -165,6 +165,7 @@ def fit_for_config(config, test_set=None, *,
       (the classifier, the class names).
     """
     from jaxdpdm.data import load_dataset
+    from jaxdpdm.evaluation.downstream import RECIPES
     from jaxdpdm.evaluation.run import SPLITLESS_SOURCES, real_test_spec
     from jaxdpdm.experiment import data_spec
 
@@ -174,7 +175,8 @@ def fit_for_config(config, test_set=None, *,
                                  and config.data.test_dir is None):
         test_set = load_dataset(real_test_spec(config))
     test = None if test_set is None else (test_set.images, test_set.labels)
+    epochs = config.eval.classifier_epochs or RECIPES["cnn"].epochs  # for kind "cnn"
     classifier = fit_label_classifier(
         (train.images, train.labels), test, train.num_classes,
-        kind=config.eval.label_classifier, epochs=config.eval.classifier_epochs, seed=seed)
+        kind=config.eval.label_classifier, epochs=epochs, seed=seed)
     return classifier, train.class_names

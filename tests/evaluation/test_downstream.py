@@ -14,8 +14,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from jaxdpdm.evaluation import downstream
-from jaxdpdm.evaluation.downstream import (TrainConfig, accuracy, augment_images,
-                                           evaluate_downstream, predict, split_holdout,
+from jaxdpdm.evaluation.downstream import (RECIPES, TrainConfig, accuracy, augment_images,
+                                           evaluate_downstream, predict, recipe, split_holdout,
                                            sweep_configs, train_classifier)
 
 CFG = TrainConfig(model="cnn", epochs=4, batch_size=32, learning_rate=1e-3, augment="mnist",
@@ -249,3 +249,28 @@ def test_public_images_give_a_selection_metric_and_two_more_classifiers(digits, 
     assert len(calls) == 1 and no_mix["public"]["public_only"] is None
     assert no_mix["public_plus_synthetic_to_real_test_accuracy"] is None
     assert 0.0 <= no_mix["synthetic_to_real_public_accuracy"] <= 1.0
+
+
+def test_the_wrn_recipes_optimizer_and_schedule_train(digits):
+    """SGD with Nesterov momentum, L2 and a cosine schedule (RECIPES["wrn16_4"]), on the CNN."""
+    images, labels = digits
+    wrn = RECIPES["wrn16_4"]
+    cfg = dataclasses.replace(CFG, epochs=4, batch_size=16, optimizer=wrn.optimizer,
+                              learning_rate=wrn.learning_rate, lr_schedule=wrn.lr_schedule,
+                              weight_decay=wrn.weight_decay, augment=wrn.augment)
+    trained = train_classifier(images[:400], labels[:400], images[400:500], labels[400:500], cfg)
+    # Measured: loss 2.35 -> 2.05 over the 4 epochs, test accuracy 0.375 (chance 0.1); this
+    # CNN learns more slowly with SGD than with Adam (0.85 in test_cnn_on_digits_...).
+    assert trained.train_loss_by_epoch[-1] < trained.train_loss_by_epoch[0] - 0.1
+    assert accuracy(trained, images[1000:1400], labels[1000:1400]) > 0.2
+
+
+def test_recipe_overrides_fields_and_refuses_unknown_ones():
+    assert recipe("cnn") == TrainConfig() == RECIPES["cnn"]
+    assert recipe("wrn16_4", epochs=2) == dataclasses.replace(RECIPES["wrn16_4"], epochs=2)
+    with pytest.raises(ValueError, match="no training recipe"):
+        recipe("vit")
+    with pytest.raises(ValueError, match=r"no fields \['momentum'\]"):
+        recipe("cnn", momentum=0.9)
+    with pytest.raises(ValueError, match="augment"):
+        recipe("cnn", augment="autoaugment")

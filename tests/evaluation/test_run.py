@@ -5,6 +5,7 @@ No Inception weights exist on this machine, so `compute_fid` is run with
 the pixels: that checks the plumbing (batching, statistics, caching), not the network.
 """
 
+import dataclasses
 import json
 import os
 
@@ -17,6 +18,7 @@ from jaxdpdm.data import DataSpec, load_dataset
 from jaxdpdm.data.preprocessing import public_private_indices
 from jaxdpdm.evaluation import fid, inception
 from jaxdpdm.evaluation import run as run_lib
+from jaxdpdm.evaluation.downstream import TrainConfig
 from jaxdpdm.experiment import data_spec
 
 FEATURE_DIM = 6
@@ -273,10 +275,7 @@ def test_public_images_are_the_public_part_of_the_split(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_lib.downstream, "evaluate_downstream", spy)
     workdir = tmp_path / "run"
-    samples = workdir / "samples"
-    samples.mkdir(parents=True)
-    np.savez(samples / "chunk_00000.npz", images=_images(3, n=40), labels=np.arange(40) % 10)
-    (samples / "meta.json").write_text(json.dumps({"checkpoint_step": None}))
+    _write_samples(workdir, step=None, n=40)
     report = run_lib.evaluate_workdir(_digits_split_config(), str(workdir))
 
     whole = load_dataset(DataSpec("digits", 8, 1))  # the train split, both parts
@@ -296,7 +295,11 @@ def test_public_images_are_the_public_part_of_the_split(tmp_path, monkeypatch):
         assert 0.0 <= d[key] <= 1.0
     saved = json.loads((workdir / "eval" / "report.json").read_text())
     assert saved["downstream"]["public"]["public_only"]["selected_epoch"] == 1
+    assert d["config"] == dataclasses.asdict(dataclasses.replace(
+        run_lib.downstream.RECIPES["cnn"], epochs=1)) and d["recipe_overrides"] == ["epochs"]
     summary = (workdir / "eval" / "summary.txt").read_text()
+    assert ("Downstream classifier: cnn, adam lr 0.0003 constant, 1 epochs of batch 64, "
+            "augmentation mnist (padding 2) (set by eval.*: epochs)") in summary
     assert "Real public images (288" in summary and "selection metric" in summary
     assert "trained on the public images + synthetic data" in summary
 
@@ -306,3 +309,29 @@ def test_a_config_trained_on_the_public_part_is_its_own_public_set():
     trained_on = load_dataset(data_spec(config))
     assert run_lib.public_images(config, trained_on) is trained_on  # pretraining: itself
     assert run_lib.public_images(get_config(), trained_on) is None  # no public part
+
+
+# --- the downstream classifier's recipe -------------------------------------------------------
+
+def test_the_cnn_recipe_is_dpdms_protocol_as_before():
+    """The numbers of earlier evaluations came from exactly this TrainConfig."""
+    assert run_lib.downstream_config(get_config()) == TrainConfig(
+        model="cnn", epochs=20, batch_size=64, learning_rate=3e-4, weight_decay=0.0,
+        optimizer="adam", lr_schedule="constant", augment="mnist", crop_padding=2,
+        val_fraction=0.1, eval_batch_size=512, seed=0)
+
+
+def test_wrn16_4_gets_the_cifar_recipe_and_set_fields_override_it():
+    config = get_config()
+    config.eval.classifier = "wrn16_4"
+    wrn = TrainConfig(model="wrn16_4", epochs=50, batch_size=128, learning_rate=0.1,
+                      weight_decay=5e-4, optimizer="sgd", lr_schedule="cosine", augment="cifar",
+                      crop_padding=4, val_fraction=0.1, eval_batch_size=512, seed=0)
+    assert run_lib.downstream_config(config) == wrn and run_lib.recipe_overrides(config) == {}
+    config.eval.classifier_epochs, config.eval.augment = 3, "none"
+    config.eval.classifier_learning_rate, config.eval.classifier_batch_size = 0.05, 32
+    assert run_lib.downstream_config(config) == dataclasses.replace(
+        wrn, epochs=3, augment="none", learning_rate=0.05, batch_size=32)
+    assert run_lib.recipe_overrides(config) == {"epochs": 3, "augment": "none",
+                                                "learning_rate": 0.05, "batch_size": 32}
+
