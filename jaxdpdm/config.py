@@ -175,7 +175,7 @@ def get_config(arg=None):
     # internet, verified by SHA-256, converted once; see jaxdpdm/evaluation/inception_weights.py).
     config.eval.download_inception_weights = False
     config.eval.fid_batch_size = 50
-    # The downstream classifier and its training recipe (jaxdpdm.evaluation.downstream.RECIPES):
+    # The downstream classifier and its training recipe (evaluation.classifier_training.RECIPES):
     # "cnn": DPDM's (Fashion-)MNIST CNN, Adam 3e-4, constant rate, batch 64, 20 epochs, random
     # shifts ("mnist" augmentation, 2-pixel padding); "wrn16_4": WRN-16-4 with the usual CIFAR
     # recipe, SGD (Nesterov 0.9) 0.1 with cosine decay, weight decay 5e-4, batch 128, 50 epochs,

@@ -11,9 +11,9 @@ Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
 * downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
   synthetic validation split) and tested on the real test set, beside the same classifier
   trained on the real training data. `eval.classifier` picks the classifier and its training
-  recipe (`downstream.RECIPES`: DPDM's CNN protocol, or WRN-16-4 with the CIFAR recipe); the
-  eval.* fields of `RECIPE_OVERRIDES` replace the recipe's values when set. The report records
-  the recipe used (`downstream.config`) and which fields were overridden;
+  recipe (`classifier_training.RECIPES`: DPDM's CNN protocol, or WRN-16-4 with the CIFAR
+  recipe); the eval.* fields of `RECIPE_OVERRIDES` replace the recipe's values when set. The
+  report records the recipe used (`downstream.config`) and which fields were overridden;
 * for data split into a public and a private part (`data.public_fraction > 0`), with the real
   public images (`public_images`, the part the pretraining phase trains on, disjoint from the
   private part): the synthetic-only classifier scored on them ("synthetic -> real public", a
@@ -49,7 +49,8 @@ from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
-from jaxdpdm.evaluation import downstream, fid, inception, inception_weights, label_consistency
+from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception,
+                                inception_weights, label_consistency)
 from jaxdpdm import storage
 from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
@@ -120,9 +121,10 @@ def recipe_overrides(config) -> dict[str, Any]:
             if config.eval[name] is not None}
 
 
-def downstream_config(config) -> downstream.TrainConfig:
-    """The recipe of `eval.classifier` (`downstream.RECIPES`) with the set eval.* overrides."""
-    return downstream.recipe(config.eval.classifier, **recipe_overrides(config))
+def downstream_config(config) -> classifier_training.TrainConfig:
+    """The recipe of `eval.classifier` (`classifier_training.RECIPES`) with the set eval.*
+    overrides."""
+    return classifier_training.recipe(config.eval.classifier, **recipe_overrides(config))
 
 
 def public_images(config, train: ImageDataset) -> ImageDataset | None:

@@ -18,7 +18,7 @@ from jaxdpdm.data import DataSpec, load_dataset
 from jaxdpdm.data.preprocessing import public_private_indices
 from jaxdpdm.evaluation import fid, inception
 from jaxdpdm.evaluation import run as run_lib
-from jaxdpdm.evaluation.downstream import TrainConfig
+from jaxdpdm.evaluation.classifier_training import RECIPES, TrainConfig
 from jaxdpdm.experiment import data_spec
 
 FEATURE_DIM = 6
@@ -296,7 +296,7 @@ def test_public_images_are_the_public_part_of_the_split(tmp_path, monkeypatch):
     saved = json.loads((workdir / "eval" / "report.json").read_text())
     assert saved["downstream"]["public"]["public_only"]["selected_epoch"] == 1
     assert d["config"] == dataclasses.asdict(dataclasses.replace(
-        run_lib.downstream.RECIPES["cnn"], epochs=1)) and d["recipe_overrides"] == ["epochs"]
+        RECIPES["cnn"], epochs=1)) and d["recipe_overrides"] == ["epochs"]
     summary = (workdir / "eval" / "summary.txt").read_text()
     assert ("Downstream classifier: cnn, adam lr 0.0003 constant, 1 epochs of batch 64, "
             "augmentation mnist (padding 2) (set by eval.*: epochs)") in summary
