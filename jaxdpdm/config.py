@@ -175,12 +175,24 @@ def get_config(arg=None):
     # internet, verified by SHA-256, converted once; see jaxdpdm/evaluation/inception_weights.py).
     config.eval.download_inception_weights = False
     config.eval.fid_batch_size = 50
-    config.eval.classifier = "cnn"  # "cnn" (DPDM's MNIST CNN) or "wrn16_4"
-    config.eval.classifier_epochs = 20
-    config.eval.classifier_batch_size = 64
-    config.eval.classifier_learning_rate = 3e-4
-    config.eval.augment = "mnist"  # "mnist", "cifar" or "none"
+    # The downstream classifier and its training recipe (evaluation.classifier_training.RECIPES):
+    # "cnn": DPDM's (Fashion-)MNIST CNN, Adam 3e-4, constant rate, batch 64, 20 epochs, random
+    # shifts ("mnist" augmentation, 2-pixel padding); "wrn16_4": WRN-16-4 with the usual CIFAR
+    # recipe, SGD (Nesterov 0.9) 0.1 with cosine decay, weight decay 5e-4, batch 128, 50 epochs,
+    # 4-pixel random crops and flips ("cifar"). The four fields below override the recipe when
+    # set; None keeps the recipe's value (the crop padding always stays the recipe's).
+    config.eval.classifier = "cnn"
+    config.eval.classifier_epochs = config_dict.placeholder(int)
+    config.eval.classifier_batch_size = config_dict.placeholder(int)
+    config.eval.classifier_learning_rate = config_dict.placeholder(float)
+    config.eval.augment = config_dict.placeholder(str)  # "mnist", "cifar" or "none"
     config.eval.train_real_reference = True
+    # With data.public_fraction > 0, the real public images also train two more downstream
+    # classifiers, tested like the synthetic one: public images only (the baseline) and public
+    # images + synthetic set. None: on whenever the data has a public part; False: off (the
+    # synthetic-only classifier is still scored on the public images, a selection metric that
+    # costs no training). True needs data.public_fraction > 0.
+    config.eval.public_mix = config_dict.placeholder(bool)
     # Label consistency (jaxdpdm.evaluation.label_consistency): a classifier of the real training
     # split labels the synthetic images. "logistic" (scikit-learn) or "cnn".
     config.eval.label_classifier = "logistic"
@@ -300,10 +312,19 @@ def validate_config(config) -> None:
 
     e = config.eval
     _check(e.classifier in CLASSIFIERS, f"eval.classifier must be one of {CLASSIFIERS}")
-    _check(e.augment in AUGMENTATIONS, f"eval.augment must be one of {AUGMENTATIONS}")
+    _check(e.augment is None or e.augment in AUGMENTATIONS,
+           f"eval.augment must be unset (the classifier's recipe) or one of {AUGMENTATIONS}")
     _check(e.label_classifier in LABEL_CLASSIFIERS,
            f"eval.label_classifier must be one of {LABEL_CLASSIFIERS}")
     _check(e.label_consistency_samples >= 0, "eval.label_consistency_samples must be >= 0")
-    _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
-    _check(e.fid_batch_size >= 1 and e.classifier_batch_size >= 1,
-           "eval.fid_batch_size and eval.classifier_batch_size must be >= 1")
+    _check(e.classifier_epochs is None or e.classifier_epochs >= 1,
+           "eval.classifier_epochs must be unset (the recipe's) or >= 1")
+    _check(e.classifier_batch_size is None or e.classifier_batch_size >= 1,
+           "eval.classifier_batch_size must be unset (the recipe's) or >= 1")
+    _check(e.classifier_learning_rate is None or e.classifier_learning_rate > 0,
+           "eval.classifier_learning_rate must be unset (the recipe's) or > 0")
+    _check(e.public_mix is not True or data.public_fraction > 0,
+           "eval.public_mix=True trains on the real public images, but data.public_fraction "
+           "is 0 (no public part); set data.public_fraction and data.subset, or leave "
+           "eval.public_mix unset")
+    _check(e.fid_batch_size >= 1, "eval.fid_batch_size must be >= 1")

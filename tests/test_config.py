@@ -139,6 +139,9 @@ INVALID = [
     ("eval.classifier", "resnet", "eval.classifier"),
     ("eval.augment", "autoaugment", "eval.augment"),
     ("eval.classifier_epochs", 0, "eval.classifier_epochs"),
+    ("eval.classifier_batch_size", 0, "eval.classifier_batch_size"),
+    ("eval.classifier_learning_rate", 0.0, "eval.classifier_learning_rate"),
+    ("eval.public_mix", True, "data.public_fraction is 0"),  # the base config has no public part
     # JAX keys keep 32 bits of a seed: 2**32 would silently reuse seed 0's randomness, and
     # 10**23 overflowed inside jax.random.key with a traceback.
     ("seed", 2**32, "seed"),

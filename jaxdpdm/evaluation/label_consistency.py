@@ -13,8 +13,8 @@ Two classifiers, both cheap on a CPU:
 
 * "logistic": multinomial logistic regression (scikit-learn, L-BFGS) on the pixels scaled to
   [0, 1]. Seconds for the 8x8 digits (about 96% real test accuracy).
-* "cnn": the downstream CNN of `jaxdpdm.evaluation.downstream` (DPDM's), trained on the real
-  training split with its epoch chosen on a held-out tenth of it.
+* "cnn": DPDM's downstream CNN (`jaxdpdm.evaluation.classifier_training`), trained on the
+  real training split with its epoch chosen on a held-out tenth of it.
 """
 
 from __future__ import annotations
@@ -78,16 +78,16 @@ def fit_label_classifier(train: Split, test: Split | None, num_classes: int, *,
         def predict(x: np.ndarray) -> np.ndarray:
             return model.predict(_pixels(x)).astype(np.int32)
     else:
-        from jaxdpdm.evaluation import downstream
+        from jaxdpdm.evaluation import classifier_training as training
 
-        fit_part, val_part = downstream.split_holdout(images, labels, 0.1, seed)
-        trained = downstream.train_classifier(
-            *fit_part, *val_part, downstream.TrainConfig(epochs=epochs, batch_size=64,
-                                                         augment="none", seed=seed),
+        fit_part, val_part = training.split_holdout(images, labels, 0.1, seed)
+        trained = training.train_classifier(
+            *fit_part, *val_part, training.TrainConfig(epochs=epochs, batch_size=64,
+                                                       augment="none", seed=seed),
             num_classes=num_classes)
 
         def predict(x: np.ndarray) -> np.ndarray:
-            return downstream.predict(trained, x)
+            return training.predict(trained, x)
     test_accuracy = None
     if test is not None:
         test_accuracy = float(np.mean(predict(test[0]) == np.asarray(test[1])))
@@ -165,6 +165,7 @@ def fit_for_config(config, test_set=None, *,
       (the classifier, the class names).
     """
     from jaxdpdm.data import load_dataset
+    from jaxdpdm.evaluation.classifier_training import RECIPES
     from jaxdpdm.evaluation.run import SPLITLESS_SOURCES, real_test_spec
     from jaxdpdm.experiment import data_spec
 
@@ -174,7 +175,8 @@ def fit_for_config(config, test_set=None, *,
                                  and config.data.test_dir is None):
         test_set = load_dataset(real_test_spec(config))
     test = None if test_set is None else (test_set.images, test_set.labels)
+    epochs = config.eval.classifier_epochs or RECIPES["cnn"].epochs  # for kind "cnn"
     classifier = fit_label_classifier(
         (train.images, train.labels), test, train.num_classes,
-        kind=config.eval.label_classifier, epochs=config.eval.classifier_epochs, seed=seed)
+        kind=config.eval.label_classifier, epochs=epochs, seed=seed)
     return classifier, train.class_names

@@ -10,7 +10,17 @@ Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
   (it reads real data: not covered by the DP guarantee);
 * downstream accuracy: a classifier trained only on the synthetic data (epoch chosen on a
   synthetic validation split) and tested on the real test set, beside the same classifier
-  trained on the real training data;
+  trained on the real training data. `eval.classifier` picks the classifier and its training
+  recipe (`classifier_training.RECIPES`: DPDM's CNN protocol, or WRN-16-4 with the CIFAR
+  recipe); the eval.* fields of `RECIPE_OVERRIDES` replace the recipe's values when set. The
+  report records the recipe used (`downstream.config`) and which fields were overridden;
+* for data split into a public and a private part (`data.public_fraction > 0`), with the real
+  public images (`public_images`, the part the pretraining phase trains on, disjoint from the
+  private part): the synthetic-only classifier scored on them ("synthetic -> real public", a
+  selection metric: it reads neither the test set nor private data, so it may choose
+  hyperparameters; for a config trained on the public part itself it scores the generator's own
+  training images), and, with `eval.public_mix` (default on), the test accuracy of the same
+  classifier trained on the public images alone and on the public images + the synthetic set;
 
 into `WORKDIR/eval/report.json` and `WORKDIR/eval/summary.txt`, next to the run's privacy
 guarantee from `privacy_report.json`. The workdir must be local (copy a `gs://` workdir down
@@ -38,8 +48,9 @@ import numpy as np
 from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
-from jaxdpdm.data import DataSpec, load_dataset
-from jaxdpdm.evaluation import downstream, fid, inception, inception_weights, label_consistency
+from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception,
+                                inception_weights, label_consistency)
 from jaxdpdm import storage
 from jaxdpdm.evaluation.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
@@ -99,11 +110,34 @@ def _reference_name(config, dataset_name: str, weights: str) -> str:
     return f"{dataset_name.replace('/', '_')}_{config.data.split}_{digest}"
 
 
-def _downstream_config(config) -> downstream.TrainConfig:
-    e = config.eval
-    return downstream.TrainConfig(
-        model=e.classifier, epochs=e.classifier_epochs, batch_size=e.classifier_batch_size,
-        learning_rate=e.classifier_learning_rate, augment=e.augment)
+# The eval.* fields that override a field of the classifier's recipe when they are set.
+RECIPE_OVERRIDES = {"classifier_epochs": "epochs", "classifier_batch_size": "batch_size",
+                    "classifier_learning_rate": "learning_rate", "augment": "augment"}
+
+
+def recipe_overrides(config) -> dict[str, Any]:
+    """The recipe fields that `config.eval` sets (TrainConfig field -> value)."""
+    return {field: config.eval[name] for name, field in RECIPE_OVERRIDES.items()
+            if config.eval[name] is not None}
+
+
+def downstream_config(config) -> classifier_training.TrainConfig:
+    """The recipe of `eval.classifier` (`classifier_training.RECIPES`) with the set eval.*
+    overrides."""
+    return classifier_training.recipe(config.eval.classifier, **recipe_overrides(config))
+
+
+def public_images(config, train: ImageDataset) -> ImageDataset | None:
+    """The real public part of the split (`data.subset="public"`), or None without a public part.
+
+    `train` is the dataset of `data_spec(config)`, returned as is when it is the public part.
+    """
+    if config.data.public_fraction <= 0:
+        return None
+    spec = data_spec(config)
+    if spec.subset == "public":
+        return train
+    return load_dataset(dataclasses.replace(spec, subset="public"))
 
 
 def real_test_spec(config) -> DataSpec:
@@ -197,13 +231,16 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     if overlap:
         log.warning("%d of %d real test images are identical to a training image", overlap,
                     len(real_test))
+    public = public_images(config, real_train)
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
     report: dict[str, Any] = {"samples": {"num": int(len(images)),
                                           "shape": list(images.shape[1:]), **provenance},
                               "data": {"train": real_train.summary(), "test": real_test.summary(),
                                        "num_test": len(real_test),
-                                       "test_images_in_train": overlap}}
+                                       "test_images_in_train": overlap,
+                                       "public": None if public is None else public.summary(),
+                                       "num_public": None if public is None else len(public)}}
 
     if config.eval.inception_weights or config.eval.download_inception_weights:
         weights = inception_weights.resolve(config.eval.inception_weights,
@@ -227,9 +264,11 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
 
     report["downstream"] = downstream.evaluate_downstream(
         (images, labels), (real_train.images, real_train.labels),
-        (real_test.images, real_test.labels), _downstream_config(config),
+        (real_test.images, real_test.labels), downstream_config(config),
         num_classes=real_train.num_classes, real_reference=config.eval.train_real_reference,
-        progress=progress)
+        public=None if public is None else (public.images, public.labels),
+        public_mix=config.eval.public_mix is not False, progress=progress)
+    report["downstream"]["recipe_overrides"] = sorted(recipe_overrides(config))
     privacy_path = os.path.join(workdir, PRIVACY_JSON)
     report["privacy"] = (json.loads(storage.read_text(privacy_path))["guarantee"]
                          if os.path.exists(privacy_path) else None)
@@ -266,6 +305,10 @@ def format_summary(report: dict[str, Any]) -> str:
         c = report["label_consistency"]
         lines.append(label_consistency.format_consistency(c, c.get("class_names")))
     data = report.get("data", {})
+    if d.get("config"):
+        lines.append(f"Downstream classifier: {format_recipe(d['config'])}"
+                     + (f" (set by eval.*: {', '.join(d['recipe_overrides'])})"
+                        if d.get("recipe_overrides") else ""))
     lines.append(f"Downstream accuracy on the real test set ({data.get('num_test', '?')} held-out "
                  f"images), trained on synthetic data only: "
                  f"{d['synthetic_to_real_test_accuracy']:.4f}")
@@ -275,4 +318,24 @@ def format_summary(report: dict[str, Any]) -> str:
     if d.get("real_to_real_test_accuracy") is not None:
         lines.append(f"Same classifier trained on the real training data: "
                      f"{d['real_to_real_test_accuracy']:.4f}")
+    if d.get("synthetic_to_real_public_accuracy") is not None:
+        lines += [f"Real public images ({data.get('num_public', '?')}, the non-private part of "
+                  "the split):",
+                  f"  synthetic-only classifier scored on them: "
+                  f"{d['synthetic_to_real_public_accuracy']:.4f} (selection metric: public data, "
+                  "not the test set nor private data, so it may choose hyperparameters)"]
+        for key, what in (("public_to_real_test_accuracy", "public images only"),
+                          ("public_plus_synthetic_to_real_test_accuracy",
+                           "public images + synthetic data")):
+            if d.get(key) is not None:
+                lines.append(f"  test accuracy, trained on the {what}: {d[key]:.4f}")
     return "\n".join(lines) + "\n"
+
+
+def format_recipe(recipe: dict[str, Any]) -> str:
+    """One line for a `downstream.TrainConfig` as a dict (the report's `downstream.config`)."""
+    decay = f", weight decay {recipe['weight_decay']:g}" if recipe["weight_decay"] else ""
+    crop = (f" (padding {recipe['crop_padding']})" if recipe["augment"] != "none" else "")
+    return (f"{recipe['model']}, {recipe['optimizer']} lr {recipe['learning_rate']:g} "
+            f"{recipe['lr_schedule']}{decay}, {recipe['epochs']} epochs of batch "
+            f"{recipe['batch_size']}, augmentation {recipe['augment']}{crop}")

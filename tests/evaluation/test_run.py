@@ -5,6 +5,7 @@ No Inception weights exist on this machine, so `compute_fid` is run with
 the pixels: that checks the plumbing (batching, statistics, caching), not the network.
 """
 
+import dataclasses
 import json
 import os
 
@@ -13,8 +14,12 @@ import pytest
 from PIL import Image
 
 from jaxdpdm.config import get_config
+from jaxdpdm.data import DataSpec, load_dataset
+from jaxdpdm.data.preprocessing import public_private_indices
 from jaxdpdm.evaluation import fid, inception
 from jaxdpdm.evaluation import run as run_lib
+from jaxdpdm.evaluation.classifier_training import RECIPES, TrainConfig
+from jaxdpdm.experiment import data_spec
 
 FEATURE_DIM = 6
 
@@ -189,11 +194,11 @@ def test_split_datasets_refuse_the_training_split(field, value, message):
 
 @pytest.fixture
 def stub_downstream(monkeypatch):
-    """Replaces classifier training; records the real test set it was given."""
+    """Replaces classifier training; records the real test set and the options it was given."""
     seen = {}
 
     def evaluate_downstream(synthetic, real_train, real_test, cfg, **kwargs):
-        seen["test"] = real_test
+        seen.update(test=real_test, **kwargs)
         return {"synthetic_to_real_test_accuracy": 0.5, "real_to_real_test_accuracy": 0.75}
 
     monkeypatch.setattr(run_lib.downstream, "evaluate_downstream", evaluate_downstream)
@@ -217,6 +222,7 @@ def test_evaluate_an_image_folder_on_its_test_folder(tmp_path, stub_downstream):
     np.testing.assert_array_equal(stub_downstream["test"][0][:, 0, 0, 0], [11, 12, 13, 100,
                                                                              101, 102])
     assert report["data"]["num_test"] == 6 and report["data"]["test_images_in_train"] == 2
+    assert stub_downstream["public"] is None and report["data"]["num_public"] is None
     assert report["samples"]["checkpoint_step"] == 3
     summary = (workdir / "eval" / "summary.txt").read_text()
     assert "from checkpoint step 3" in summary and "(6 held-out images)" in summary
@@ -246,3 +252,86 @@ def test_samples_of_another_step_than_the_privacy_report_are_refused(tmp_path, s
 def test_evaluate_without_samples_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --mode=sample first"):
         run_lib.evaluate_workdir(get_config(), str(tmp_path))
+
+
+# --- the real public part of a public/private split -------------------------------------------
+
+def _digits_split_config(subset="private"):
+    config = get_config()
+    config.data.image_size, config.data.public_fraction, config.data.subset = 8, 0.2, subset
+    config.eval.classifier_epochs, config.eval.train_real_reference = 1, False
+    return config
+
+
+def test_public_images_are_the_public_part_of_the_split(tmp_path, monkeypatch):
+    """End to end on the 8x8 digits: the public images the classifiers see are exactly the
+    public part (disjoint from the private training data); report and summary carry them."""
+    seen = {}
+    real_evaluate = run_lib.downstream.evaluate_downstream
+
+    def spy(synthetic, real_train, real_test, cfg, **kwargs):
+        seen.update(real_train=real_train, test=real_test, **kwargs)
+        return real_evaluate(synthetic, real_train, real_test, cfg, **kwargs)
+
+    monkeypatch.setattr(run_lib.downstream, "evaluate_downstream", spy)
+    workdir = tmp_path / "run"
+    _write_samples(workdir, step=None, n=40)
+    report = run_lib.evaluate_workdir(_digits_split_config(), str(workdir))
+
+    whole = load_dataset(DataSpec("digits", 8, 1))  # the train split, both parts
+    public_at, private_at = public_private_indices(whole.labels, 0.2, seed=0)
+    np.testing.assert_array_equal(seen["public"][0], whole.images[public_at])
+    np.testing.assert_array_equal(seen["public"][1], whole.labels[public_at])
+    np.testing.assert_array_equal(seen["real_train"][0], whole.images[private_at])
+    assert not set(public_at) & set(private_at) and seen["public_mix"] is True
+    test = load_dataset(DataSpec("digits", 8, 1, split="test"))
+    np.testing.assert_array_equal(seen["test"][0], test.images)  # the held-out test split
+
+    d = report["downstream"]
+    assert report["data"]["num_public"] == len(public_at) == 288
+    assert d["public"]["num_public"] == 288 and d["num_examples"]["public"] == 288
+    for key in ("synthetic_to_real_public_accuracy", "public_to_real_test_accuracy",
+                "public_plus_synthetic_to_real_test_accuracy"):
+        assert 0.0 <= d[key] <= 1.0
+    saved = json.loads((workdir / "eval" / "report.json").read_text())
+    assert saved["downstream"]["public"]["public_only"]["selected_epoch"] == 1
+    assert d["config"] == dataclasses.asdict(dataclasses.replace(
+        RECIPES["cnn"], epochs=1)) and d["recipe_overrides"] == ["epochs"]
+    summary = (workdir / "eval" / "summary.txt").read_text()
+    assert ("Downstream classifier: cnn, adam lr 0.0003 constant, 1 epochs of batch 64, "
+            "augmentation mnist (padding 2) (set by eval.*: epochs)") in summary
+    assert "Real public images (288" in summary and "selection metric" in summary
+    assert "trained on the public images + synthetic data" in summary
+
+
+def test_a_config_trained_on_the_public_part_is_its_own_public_set():
+    config = _digits_split_config(subset="public")
+    trained_on = load_dataset(data_spec(config))
+    assert run_lib.public_images(config, trained_on) is trained_on  # pretraining: itself
+    assert run_lib.public_images(get_config(), trained_on) is None  # no public part
+
+
+# --- the downstream classifier's recipe -------------------------------------------------------
+
+def test_the_cnn_recipe_is_dpdms_protocol_as_before():
+    """The numbers of earlier evaluations came from exactly this TrainConfig."""
+    assert run_lib.downstream_config(get_config()) == TrainConfig(
+        model="cnn", epochs=20, batch_size=64, learning_rate=3e-4, weight_decay=0.0,
+        optimizer="adam", lr_schedule="constant", augment="mnist", crop_padding=2,
+        val_fraction=0.1, eval_batch_size=512, seed=0)
+
+
+def test_wrn16_4_gets_the_cifar_recipe_and_set_fields_override_it():
+    config = get_config()
+    config.eval.classifier = "wrn16_4"
+    wrn = TrainConfig(model="wrn16_4", epochs=50, batch_size=128, learning_rate=0.1,
+                      weight_decay=5e-4, optimizer="sgd", lr_schedule="cosine", augment="cifar",
+                      crop_padding=4, val_fraction=0.1, eval_batch_size=512, seed=0)
+    assert run_lib.downstream_config(config) == wrn and run_lib.recipe_overrides(config) == {}
+    config.eval.classifier_epochs, config.eval.augment = 3, "none"
+    config.eval.classifier_learning_rate, config.eval.classifier_batch_size = 0.05, 32
+    assert run_lib.downstream_config(config) == dataclasses.replace(
+        wrn, epochs=3, augment="none", learning_rate=0.05, batch_size=32)
+    assert run_lib.recipe_overrides(config) == {"epochs": 3, "augment": "none",
+                                                "learning_rate": 0.05, "batch_size": 32}
+
