@@ -5,25 +5,31 @@
 
 Both steps run the same UNet, the same per-example diffusion loss (K = --augmult draws of
 timestep and noise per example), the same batch and the same Adam update, and both process the
-batch in microbatches (`lax.scan`), so the ratio isolates what DP adds:
+batch the way the trainer does: one compiled call per microbatch, looped on the host, the sums
+added on the device, then one update. So the ratio isolates what DP adds:
 
-* DP step: `jaxdpdm.parallel.make_dp_step` (per-example gradients via `vmap(grad)`, clipped and
-  summed in float32, one Gaussian noise draw, division by the expected batch size).
+* DP step: `jaxdpdm.parallel.make_dp_step`, run by `DPStep.__call__` exactly as in training
+  (per-example gradients via `vmap(grad)`, clipped and summed in float32, one call per
+  microbatch; then one Gaussian noise draw and the division by the expected batch size).
 * Non-private step: the gradient of the summed loss of each microbatch (one batched backward
-  pass, no per-example gradients), accumulated the same way, divided by the batch size.
+  pass, no per-example gradients), one call per microbatch and added the same way, divided by
+  the batch size. (With the microbatch equal to the batch this is one call, as in pretraining.)
 
 The non-private step runs at one microbatch size (`--nonprivate-microbatch`, default the largest
 DP microbatch, so the ratio at that size compares equal microbatches); the DP step runs at every
-`--microbatch` size, which shows how the microbatch trades time for memory. (A microbatch equal to
-the batch runs as one vmap; smaller ones run as a `lax.scan` over microbatches, in both steps.)
+`--microbatch` size, which shows how the microbatch trades time for memory: `--batch` /
+microbatch calls per step. (`clipped_grad_sum` can also scan over microbatches inside one call;
+the trainer never does, so this benchmark does not either. Figures in RESULTS.md sections 1 and
+3 were taken with that scan; see there.)
 
 Each program is compiled once (ahead of time, so compile time is reported apart), called once to
 warm up, then timed `--repeats` times; the median is reported. A logical batch of
-`--chunks` x `--batch` rows reuses the same compiled programs (as `DPStep.__call__` does for a
-large Poisson draw). Everything runs on ONE device (`jax.devices()[0]`): numbers are per chip.
+`--chunks` x `--batch` rows reuses the same compiled programs (as a large Poisson draw does in
+training). The microbatches live on the device before timing, so host-to-device copies are not
+timed. Everything runs on ONE device (`jax.devices()[0]`): numbers are per chip.
 
-Memory: `xla_mib` is the gradient program's own footprint (arguments + outputs + temporaries,
-from XLA's memory analysis; every backend): compare programs with it. `peak_mib` is the device
+Memory: `xla_mib` is the footprint of the gradient program of one microbatch (arguments +
+outputs + temporaries, from XLA's memory analysis; every backend): compare programs with it. `peak_mib` is the device
 allocator's peak (`memory_stats()`, GPU/TPU only) after the measurement; JAX cannot reset it, so
 it is the process peak so far (DP programs run by increasing microbatch, so it grows with them).
 
@@ -104,34 +110,20 @@ def synthetic_batch(config: unet.UNetConfig, rows: int, seed: int = 0) -> dict[s
             "index": np.arange(rows, dtype=np.int32)}
 
 
-def make_nonprivate_accumulate(loss_fn, *, microbatch_size: int):
-    """`(params, batch, step_key) -> grad_sum`: the float32 gradient of the SUMMED loss.
+def make_nonprivate_accumulate(loss_fn):
+    """`(params, batch, step_key) -> grad_sum`: the float32 gradient of the SUMMED loss of a batch.
 
-    One batched backward pass per microbatch (no per-example gradients), accumulated over the
-    microbatches with `lax.scan` exactly like the DP step accumulates its clipped sums, so the two
-    differ only in the per-example work. Per-example keys are the DP step's (by "index").
+    One batched backward pass (no per-example gradients); the benchmark calls it once per
+    microbatch and adds the results as the DP step does. Per-example keys are the DP step's (by
+    "index").
     """
     def accumulate(params, batch, step_key):
-        rows = batch["index"].shape[0]
-        if rows % microbatch_size:
-            raise ValueError(f"batch {rows} is not a multiple of microbatch {microbatch_size}")
-        keys = per_example_keys(step_key, batch, rows)
+        keys = per_example_keys(step_key, batch, batch["index"].shape[0])
 
-        def microbatch_grad(mb, mb_keys):
-            def summed(p):
-                return jnp.sum(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, mb, mb_keys))
-            return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(summed)(params))
+        def summed(p):
+            return jnp.sum(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, batch, keys))
 
-        if microbatch_size == rows:
-            return microbatch_grad(batch, keys)
-        split = lambda x: x.reshape((rows // microbatch_size, microbatch_size) + x.shape[1:])
-
-        def body(acc, xs):
-            return jax.tree.map(jnp.add, acc, microbatch_grad(*xs)), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        total, _ = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), split(keys)))
-        return total
+        return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(summed)(params))
 
     return jax.jit(accumulate)
 
@@ -157,8 +149,12 @@ def compiled_footprint(compiled) -> int | None:
                - m.alias_size_in_bytes)
 
 
+# Adds two gradient sums on the device, as `DPStep` adds its chunks' sums.
+_tree_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 class Program(NamedTuple):
-    """One compiled per-chunk gradient program and what it took to build."""
+    """One compiled gradient program of one microbatch and what it took to build."""
     accumulate: Any
     compile_s: float
     xla_bytes: int | None
@@ -192,12 +188,13 @@ class Measurement:
 
 
 class Bench:
-    """A model, its parameters and a device-resident synthetic chunk; compiles programs on demand.
+    """A model, its parameters and a synthetic chunk of rows; compiles programs on demand.
 
-    Gradient programs are cached by (kind, microbatch) and update programs across Benches, so
-    timing a logical batch of several chunks, or another dtype, reuses what was compiled.
-    `clip_norm` may be changed before the first DP program is compiled (timing does not depend on
-    it; gpu_check sets it from measured gradient norms so its clipping checks reuse the program).
+    Gradient programs take ONE microbatch (what the trainer compiles) and are cached by (kind,
+    microbatch); update programs are shared across Benches, so timing a logical batch of several
+    chunks, or another dtype, reuses what was compiled. `clip_norm` may be changed before the
+    first DP program is compiled (timing does not depend on it; gpu_check sets it from measured
+    gradient norms so its clipping checks reuse the program).
     """
 
     def __init__(self, config: unet.UNetConfig, *, augmult: int, chunk_rows: int, seed: int = 0):
@@ -214,11 +211,26 @@ class Bench:
                                        jax.random.key(seed))
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
         self.host_batch = synthetic_batch(config, chunk_rows, seed)
-        self.batch = parallel.shard_batch(self.host_batch, self.mesh)
-        self.mask = parallel.shard_batch(np.ones(chunk_rows, bool), self.mesh)
         self.key = jax.random.key(seed + 1)
         self._programs: dict[tuple[str, int], Program] = {}
-        self._tree_add = None
+        self._microbatches: dict[int, list] = {}
+
+    def split(self, batch: dict[str, np.ndarray], mask: np.ndarray, microbatch: int) -> list:
+        """Host rows -> `[(batch, mask), ...]` of `microbatch` rows each, sharded on the device
+        (the chunks `DPStep` takes; the trainer builds them with `batching.split_into_chunks`)."""
+        rows = len(mask)
+        if rows % microbatch:
+            raise ValueError(f"{rows} rows are not a multiple of microbatch {microbatch}")
+        return [parallel.shard_batch(({k: v[i:i + microbatch] for k, v in batch.items()},
+                                      mask[i:i + microbatch]), self.mesh)
+                for i in range(0, rows, microbatch)]
+
+    def microbatches(self, microbatch: int) -> list:
+        """The synthetic chunk as device-resident microbatches (cached), all rows real."""
+        if microbatch not in self._microbatches:
+            self._microbatches[microbatch] = self.split(
+                self.host_batch, np.ones(self.chunk_rows, bool), microbatch)
+        return self._microbatches[microbatch]
 
     def _optimizer(self, kind: str):
         adam = optax.adam(1e-4)
@@ -232,26 +244,27 @@ class Bench:
         return (kind, microbatch) in self._programs
 
     def program(self, kind: str, microbatch: int) -> Program:
-        """The compiled gradient program of one chunk (cached), AOT so compile time is its own.
+        """The compiled gradient program of one microbatch (cached), AOT so compile time is its own.
 
         "dp": `(params, batch, mask, step_key) -> (grad_sum, ClipStats)`, the library's
-        `make_dp_step(...).accumulate`; "nonprivate": `(params, batch, step_key) -> grad_sum`.
+        `make_dp_step(...).accumulate` on `microbatch` rows (one microbatch per device, as in
+        training); "nonprivate": `(params, batch, step_key) -> grad_sum`.
         """
         if (kind, microbatch) in self._programs:
             return self._programs[(kind, microbatch)]
         if self.chunk_rows % microbatch:
             raise ValueError(f"chunk of {self.chunk_rows} rows is not a multiple of microbatch "
                              f"{microbatch}")
+        batch, mask = self.microbatches(microbatch)[0]
         start = time.perf_counter()
         if kind == "dp":
             step = parallel.make_dp_step(self.loss_fn, self._optimizer(kind),
                                          clip_norm=self.clip_norm, microbatch_size=microbatch,
                                          mesh=self.mesh)
-            compiled = step.accumulate.lower(self.params, self.batch, self.mask,
-                                             self.key).compile()
+            compiled = step.accumulate.lower(self.params, batch, mask, self.key).compile()
         elif kind == "nonprivate":
-            acc_fn = make_nonprivate_accumulate(self.loss_fn, microbatch_size=microbatch)
-            compiled = acc_fn.lower(self.params, self.batch, self.key).compile()
+            acc_fn = make_nonprivate_accumulate(self.loss_fn)
+            compiled = acc_fn.lower(self.params, batch, self.key).compile()
         else:
             raise ValueError(f"kind must be 'dp' or 'nonprivate'; got {kind!r}")
         program = Program(compiled, time.perf_counter() - start, compiled_footprint(compiled))
@@ -287,45 +300,55 @@ class Bench:
         _UPDATE_PROGRAMS[key] = (compiled, opt_state, time.perf_counter() - start)
         return _UPDATE_PROGRAMS[key]
 
-    def _one_step(self, kind, accumulate, update, params, opt_state, chunks, step):
-        """One logical step of `chunks` chunks: chunk sums added, then ONE optimizer update."""
-        key = jax.random.fold_in(self.key, step)
-        grad_sum = None
-        for _ in range(chunks):
-            if kind == "dp":
-                part, _stats = accumulate(params, self.batch, self.mask, key)
-            else:
-                part = accumulate(params, self.batch, key)
-            grad_sum = part if grad_sum is None else self._add(grad_sum, part)
-        if kind == "dp":
-            return update(params, opt_state, grad_sum)
-        return update(params, opt_state, grad_sum, float(chunks * self.chunk_rows))
+    def dp_step(self, microbatch: int, update=None) -> parallel.DPStep:
+        """The library's `DPStep` around this Bench's compiled DP programs. `update` None: no
+        update is compiled, and only `DPStep.grad_sum` may be called."""
+        return parallel.DPStep(accumulate=self.program("dp", microbatch).accumulate,
+                               apply=update, mesh=self.mesh)
 
-    def _add(self, a, b):
-        if self._tree_add is None:
-            self._tree_add = jax.jit(lambda x, y: jax.tree.map(jnp.add, x, y))
-        return self._tree_add(a, b)
+    def grad_sum(self, kind: str, microbatch: int, params, chunks: list, step_key):
+        """The gradient sum of `chunks` (from `split`) as a training step computes it, one
+        compiled call per microbatch: "dp" -> (grad_sum, ClipStats) by `DPStep.grad_sum`;
+        "nonprivate" -> grad_sum."""
+        if kind == "dp":
+            return self.dp_step(microbatch).grad_sum(params, chunks, step_key)
+        accumulate = self.program(kind, microbatch).accumulate
+        total = None
+        for batch, _ in chunks:
+            part = accumulate(params, batch, step_key)
+            total = part if total is None else _tree_add(total, part)
+        return total
 
     def stepper(self, kind: str, microbatch: int, *, chunks: int = 1):
         """`(step, compile_s)`: `step()` runs ONE logical step from the state it left and blocks
         until it is done, so callers can interleave the steps of several programs.
 
-        `compile_s` is what building this stepper had to compile (0 when cached).
+        A step is `chunks` x `chunk_rows / microbatch` calls of the microbatch program, then one
+        update: for "dp", `DPStep.__call__` itself. `compile_s` is what building this stepper
+        had to compile (0 when cached).
         """
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1; got {chunks}")
         built = self.has_program(kind, microbatch)
-        program = self.program(kind, microbatch)
+        self.program(kind, microbatch)
         had_update = len(_UPDATE_PROGRAMS)
         update, opt_state, update_s = self.update_program(kind)
-        compile_s = (0.0 if built else program.compile_s) + (
+        compile_s = (0.0 if built else self.program(kind, microbatch).compile_s) + (
             update_s if len(_UPDATE_PROGRAMS) > had_update else 0.0)
+        parts = self.microbatches(microbatch) * chunks
+        rows = float(chunks * self.chunk_rows)
+        dp_step = self.dp_step(microbatch, update) if kind == "dp" else None
         state = {"params": self.params, "opt_state": opt_state, "step": 0}
 
         def step():
-            state["params"], state["opt_state"] = self._one_step(
-                kind, program.accumulate, update, state["params"], state["opt_state"], chunks,
-                state["step"])
+            key = jax.random.fold_in(self.key, state["step"])
+            params, opt_state = state["params"], state["opt_state"]
+            if dp_step is not None:
+                params, opt_state, _stats = dp_step(params, opt_state, parts, key)
+            else:
+                grad_sum = self.grad_sum(kind, microbatch, params, parts, key)
+                params, opt_state = update(params, opt_state, grad_sum, rows)
+            state["params"], state["opt_state"] = params, opt_state
             state["step"] += 1
             jax.block_until_ready((state["params"], state["opt_state"]))
 

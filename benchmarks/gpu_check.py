@@ -205,12 +205,14 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     # update is applied to zero parameters so that it comes back exactly (p - u would lose bits).
     inf_optimizer = optax.chain(dp_aggregate(clip_norm=math.inf, noise_multiplier=0.0,
                                              expected_batch_size=rows, seed=0), optax.sgd(1.0))
+    # Every sum below is computed as training computes it: one compiled call per microbatch.
     inf_step = parallel.make_dp_step(loss_fn, inf_optimizer, clip_norm=math.inf,
                                      microbatch_size=microbatch, mesh=bench.mesh)
-    grad_sum, inf_stats = inf_step.accumulate(params, bench.batch, bench.mask, key)
+    grad_sum, inf_stats = inf_step.grad_sum(params, bench.microbatches(microbatch), key)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params)
     minus_mean, _ = inf_step.apply(zeros, inf_optimizer.init(zeros), grad_sum)
-    nonprivate_sum = bench.program("nonprivate", microbatch).accumulate(params, bench.batch, key)
+    nonprivate_sum = bench.grad_sum("nonprivate", microbatch, params,
+                                    bench.microbatches(microbatch), key)
     err = _rel(-_flat(minus_mean), _flat(nonprivate_sum) / rows)
     checks.append(Check("sigma0_Cinf_equals_mean_grad", err <= 1e-4, err, 1e-4,
                         "relative L2 error, DP step update vs batched mean gradient"))
@@ -222,11 +224,9 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     if bench.has_program("dp", microbatch):
         raise ValueError("check_invariants must run before the Bench's DP program is compiled")
     bench.clip_norm = clip_norm = float(np.median(norms))
-    accumulate = bench.program("dp", microbatch).accumulate
 
     def clipped_sum(batch, mask):
-        return accumulate(params, parallel.shard_batch(batch, bench.mesh),
-                          parallel.shard_batch(mask, bench.mesh), key)
+        return bench.grad_sum("dp", microbatch, params, bench.split(batch, mask, microbatch), key)
 
     host = bench.host_batch
     per_example = [_flat(clipped_sum(host, np.eye(rows, dtype=bool)[i])[0]) for i in range(rows)]

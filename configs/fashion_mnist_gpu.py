@@ -13,32 +13,27 @@ towards DPDM's (batch 4096, K = 32, 300 epochs, a 1.75M-parameter UNet):
 * phase 1 (`pretrain.*`, not private, in WORKDIR/pretrain): 2,000 steps of 256 public images
   (85 epochs), Adam 1e-3, EMA 0.999;
 * phase 2 (DP-SGD on the private 54,000): expected batch 4096 (q = 0.0759), K = 16, C = 0.2
-  (chosen on public data for the CPU configs' model; see configs/fashion_mnist_eps10.py),
+  (chosen on public data for the CPU configs' model; see configs/fashion_mnist.py),
   sigma calibrated (PLD) to (10, 1e-5)-DP over 60 steps (4.6 epochs), Adam 5e-4, EMA 0.99;
   256 examples per vmap call (the per-example gradients of a call take 256 x 1.74M x 4 bytes
   = 1.8 GB);
 * 10,000 samples (1,000 per class), DDIM 50 steps, guidance 1.0; the downstream CNN as on CPU,
   and label consistency by the same CNN trained on the real training split.
 
-Sizing (arithmetic, not a measurement: no GPU was available when this was written): the
-H200 ran the 89M-parameter CIFAR UNet's DP step at 0.34 ms per example-draw (K = 32) and its
-compiles took 84-98 s (benchmarks/RESULTS.md section 3); this model has about 50 times fewer
-parameters, so 60 steps x 4096 x 16 draws should take well under the 10 minutes the script
-allows. Record the measured times beside the CPU results when it runs.
+Sizing (arithmetic from the H200 measurements, not a measurement of this config):
+benchmarks/RESULTS.md section 9. Record the measured times there when it runs.
 
-Variant `:smoke`: 12x12 images, a tiny UNet, 256 examples, 2 + 2 steps, 40 samples, for the
-CPU smoke test of the script (tests/test_fmnist_gpu_script.py).
+Variant `:smoke` (big_vision style, `jaxdpdm.recipes.parse_arg`): 12x12 images, a tiny UNet,
+256 examples, 2 + 2 steps, 40 samples, for the CPU smoke test of the script
+(tests/test_fmnist_gpu_script.py).
 """
 
-import pathlib
-import runpy
-
-_PRETRAIN = runpy.run_path(str(pathlib.Path(__file__).with_name("fashion_mnist_pretrain.py")))
-_CIFAR = runpy.run_path(str(pathlib.Path(__file__).with_name("cifar10_eps10.py")))
+from jaxdpdm.recipes import fashion_mnist_base, finetune_timesteps, parse_arg, shrink_for_smoke
 
 
 def get_config(arg=None):
-    config = _PRETRAIN["fashion_mnist_base"]("private")
+    variant = parse_arg(arg, name="fashion_mnist_gpu", smoke=False)
+    config = fashion_mnist_base("private")
     config.phase = "dp"
 
     m = config.model
@@ -50,8 +45,7 @@ def get_config(arg=None):
 
     d = config.diffusion
     d.augmult = 16
-    d.timestep_ranges = _CIFAR["FINETUNE_TIMESTEP_RANGES"]
-    d.timestep_weights = _CIFAR["FINETUNE_TIMESTEP_WEIGHTS"]
+    finetune_timesteps(config)
 
     p = config.pretrain
     p.num_steps = 2000
@@ -87,14 +81,12 @@ def get_config(arg=None):
     e.label_classifier = "cnn"
     e.label_consistency_samples = 0  # --mode=evaluate scores all 10,000 samples
 
-    if arg == "smoke":
-        _PRETRAIN["shrink_for_smoke"](config)
+    if variant.smoke:
+        shrink_for_smoke(config)
         config.model.num_res_blocks = 1
         config.pretrain.num_steps = 2
         config.pretrain.batch_size = 16
         config.pretrain.warmup_steps = 1
         config.train.checkpoint_every = 2
         config.eval.classifier_epochs = 1
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown fashion_mnist_gpu variant {arg!r}; use '' or 'smoke'")
     return config

@@ -24,14 +24,17 @@ Measured on the 2-core development machine: benchmarks/RESULTS.md section 8 (lab
 consistency, wall and CPU time, the ablations behind these choices). Running the command again
 resumes the phase it was in.
 
-Variant `:tiny`: the single-phase DP run the tests use (3 DP steps of a 49k-parameter UNet on
-all 1,442 training digits, a fixed seed, no guidance, no label consistency), about a minute.
+Variant `:tiny` (big_vision style, `jaxdpdm.recipes.parse_arg`): the single-phase DP run the
+tests use (3 DP steps of a 49k-parameter UNet on all 1,442 training digits, a fixed seed, no
+guidance, no label consistency), about a minute.
 """
 
 from jaxdpdm.config import get_config as base_config
+from jaxdpdm.recipes import parse_arg
 
 
 def get_config(arg=None):
+    variant = parse_arg(arg, name="quickstart", tiny=False)
     config = base_config()
     config.phase = "dp"
     data = config.data
@@ -79,7 +82,7 @@ def get_config(arg=None):
     config.sample.batch_size = 300
     config.eval.label_consistency_samples = 300
 
-    if arg == "tiny":
+    if variant.tiny:
         config.seed = 0  # tests compare runs; a real run draws a secret seed
         data.public_fraction, data.subset = 0.0, "all"
         p.num_steps = 0
@@ -101,6 +104,4 @@ def get_config(arg=None):
         config.sample.batch_size = 20
         config.eval.label_consistency_samples = 0
         config.eval.classifier_epochs = 2
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown quickstart variant {arg!r}; use '' or 'tiny'")
     return config

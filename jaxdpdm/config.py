@@ -1,7 +1,7 @@
 """The base configuration: every field jaxdpdm reads, documented in one place.
 
 `configs/default.py` exposes it to `--config=`; experiment files (`configs/quickstart.py`,
-`configs/cifar10_eps10.py`, ...) call `jaxdpdm.config.get_config()` and override a few fields.
+`configs/cifar10.py`, ...) call `jaxdpdm.config.get_config()` and override a few fields.
 Every field can also be overridden on the command line, e.g.
 `--config.train.num_steps=3 --config.dp.target_epsilon=1`.
 

@@ -112,16 +112,32 @@ class DPStep:
                  extra_sum: PyTree | None = None):
         """Runs one logical batch given as chunks `[(batch, mask), ...]` of identical shapes.
 
-        Chunk grad sums are added and noise is added ONCE (in `apply`), so splitting a Poisson draw
-        into more chunks changes nothing but the summation order. `extra_sum` (audit runs only,
-        `jaxdpdm.audit`) is a params-shaped float32 sum of clipped gradients of examples that are
-        not in the chunks (gradient canaries); it is added before the noise, like a chunk's sum.
-        Host (numpy) chunks are sharded with `shard_batch`. Batches without an "index" field get
-        per-chunk keys `fold_in(step_key, chunk_number)` so rows of different chunks never share
-        a key.
+        `grad_sum` adds the chunks' sums; noise is added ONCE (in `apply`), so splitting a Poisson
+        draw into more chunks changes nothing but the summation order. `extra_sum` (audit runs
+        only, `jaxdpdm.audit`) is a params-shaped float32 sum of clipped gradients of examples
+        that are not in the chunks (gradient canaries); it is added before the noise, like a
+        chunk's sum.
 
         Returns:
           (params, opt_state, ClipStats) with norms/losses f32[num_chunks * S] in chunk order.
+        """
+        grad_sum, stats = self.grad_sum(params, chunks, step_key)
+        if extra_sum is not None:
+            grad_sum = _tree_add(grad_sum, replicate(extra_sum, self.mesh))
+        params, opt_state = self.apply(params, opt_state, grad_sum)
+        return params, opt_state, stats
+
+    def grad_sum(self, params: PyTree, chunks: Sequence[tuple[PyTree, Any]],
+                 step_key: jax.Array) -> tuple[PyTree, ClipStats]:
+        """The noiseless half of a step: one `accumulate` call per chunk, sums added on device.
+
+        Host (numpy) chunks are sharded with `shard_batch`. Batches without an "index" field get
+        per-chunk keys `fold_in(step_key, chunk_number)` so rows of different chunks never share
+        a key. The sum is private data: only `apply` (noise) may release it.
+
+        Returns:
+          (grad_sum, ClipStats): the replicated float32 sum of clipped per-example gradients of
+          every chunk, and the chunks' statistics merged in chunk order.
         """
         if not chunks:
             raise ValueError("a DP step needs at least one chunk (an empty Poisson draw is one "
@@ -133,10 +149,7 @@ class DPStep:
             chunk_sum, stats = self.accumulate(params, batch, mask, key)
             grad_sum = chunk_sum if grad_sum is None else _tree_add(grad_sum, chunk_sum)
             all_stats.append(stats)
-        if extra_sum is not None:
-            grad_sum = _tree_add(grad_sum, replicate(extra_sum, self.mesh))
-        params, opt_state = self.apply(params, opt_state, grad_sum)
-        return params, opt_state, _merge_stats(all_stats)
+        return grad_sum, _merge_stats(all_stats)
 
 
 @jax.jit
@@ -162,7 +175,10 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
       optimizer: must start with `dp_aggregate` (noise + division by the expected batch size),
         e.g. `optax.chain(dp_aggregate(...), optax.adam(3e-4))`.
       clip_norm: per-example clip norm C.
-      microbatch_size: rows each device processes at once; bounds peak memory.
+      microbatch_size: rows each device processes at once; bounds peak memory. The trainer
+        passes chunks of exactly `n_devices * microbatch_size` rows (one microbatch per device
+        per compiled call, looped on the host by `DPStep.__call__`); a larger chunk runs its
+        microbatches as the library-only `lax.scan` of `clipped_grad_sum`.
       mesh: a 1-D "data" mesh (`make_data_mesh`).
       trainable: None, a path regex or a bool pytree; frozen leaves are not differentiated.
     """
@@ -190,7 +206,7 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
         rows = mask.shape[0]
         if rows % (num_shards * microbatch_size):
             raise ValueError(f"chunk size {rows} is not a multiple of n_devices * microbatch_size "
-                             f"= {num_shards} * {microbatch_size} (see batching.physical_batch_size)")
+                             f"= {num_shards} * {microbatch_size}")
         return sharded_sum(params, batch, mask, step_key)
 
     @jax.jit

@@ -118,7 +118,7 @@ def main_command(python: str, *, config: str, workdir: str, mode: str = "train",
 def add_run_arguments(parser, *, config_required: bool = True) -> None:
     """Adds the options every launcher passes through to jaxdpdm.main."""
     parser.add_argument("--config", required=config_required,
-                        help="config file inside the repository, e.g. configs/cifar10_eps10.py")
+                        help="config file inside the repository, e.g. configs/cifar10.py")
     parser.add_argument("--workdir", help="run folder: checkpoints, logs, samples, reports")
     parser.add_argument("--mode", choices=MODES, default="train",
                         help="what jaxdpdm.main does (default: train, which resumes if it can)")

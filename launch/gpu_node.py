@@ -1,6 +1,6 @@
 """Runs jaxdpdm on one machine with several GPUs: one process that sees all the chosen GPUs.
 
-    python launch/gpu_node.py --config=configs/cifar10_eps10.py --workdir=runs/cifar10 \\
+    python launch/gpu_node.py --config=configs/cifar10.py --workdir=runs/cifar10 \\
         [--gpus=0,1,2,3] [--mem-fraction=0.9 | --no-preallocate] [--mode=train] [--dry-run] \\
         [-- --config.train.num_steps=100]
 

@@ -1,7 +1,7 @@
 """Runs jaxdpdm on several GPU nodes under SLURM: writes an sbatch script and submits it.
 
     python launch/slurm.py --nodes=4 --gpus-per-node=8 --partition=gpu --time=24:00:00 \\
-        --config=configs/cifar10_eps10.py --workdir=/shared/runs/cifar10 [--account=A] [--qos=Q] \\
+        --config=configs/cifar10.py --workdir=/shared/runs/cifar10 [--account=A] [--qos=Q] \\
         [--cpus-per-task=32] [--setup='module load cuda'] [--sbatch-arg=--exclusive] \\
         [--dry-run | --no-submit] [-- --config.train.num_steps=100]
 

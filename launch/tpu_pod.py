@@ -1,7 +1,7 @@
 """Runs jaxdpdm on a Cloud TPU VM or pod slice: create (or reuse) it, ship the code, start, collect.
 
     python launch/tpu_pod.py --name=dpdm --zone=us-central2-b --project=P --accelerator-type=v4-32 \\
-        --config=configs/cifar10_eps10.py --workdir=gs://BUCKET/cifar10_eps10 [--queued] [--spot] \\
+        --config=configs/cifar10.py --workdir=gs://BUCKET/cifar10_eps10 [--queued] [--spot] \\
         [--reuse] [--restart] [--dry-run] [-- --config.train.num_steps=100]
     python launch/tpu_pod.py logs    --name=dpdm --zone=us-central2-b [--worker=0] [--lines=50]
     python launch/tpu_pod.py stop    --name=dpdm --zone=us-central2-b

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from jaxdpdm.config import validate_config
 from jaxdpdm.experiment import data_spec, timestep_distribution, unet_config
 from jaxdpdm.models.unet import count_parameters
+from jaxdpdm.recipes import parse_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -35,19 +36,20 @@ VARIANTS = {
     "default.py": ("",),
     "quickstart.py": ("", "tiny"),
     "imagenet32_pretrain.py": ("",),
-    "cifar10_eps1.py": ("",),
-    "cifar10_eps5.py": ("",),
-    "cifar10_eps10.py": ("",),
-    "camelyon17_eps10.py": ("",),
+    "cifar10.py": ("", "eps=1", "eps=5"),
+    "camelyon17.py": ("",),
     "fashion_mnist_pretrain.py": ("", "smoke"),
-    "fashion_mnist_eps1.py": ("", "smoke"),
-    "fashion_mnist_eps10.py": ("", "smoke"),
+    "fashion_mnist.py": ("", "eps=1", "smoke", "eps=1,smoke"),
     "fashion_mnist_gpu.py": ("", "smoke"),
 }
 CASES = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
-PAPER_CONFIGS = ("imagenet32_pretrain.py", "cifar10_eps1.py", "cifar10_eps5.py",
-                 "cifar10_eps10.py", "camelyon17_eps10.py")
-FINETUNE_CONFIGS = PAPER_CONFIGS[1:]
+FINETUNE_CONFIGS = (("cifar10.py", ""), ("cifar10.py", "eps=1"), ("cifar10.py", "eps=5"),
+                    ("camelyon17.py", ""))
+PAPER_CONFIGS = (("imagenet32_pretrain.py", ""),) + FINETUNE_CONFIGS
+# Files that take no variant, and those that take variants (which must refuse unknown keys).
+NO_VARIANTS = ("imagenet32_pretrain.py",)
+WITH_VARIANTS = ("quickstart.py", "cifar10.py", "camelyon17.py", "fashion_mnist_pretrain.py",
+                 "fashion_mnist.py", "fashion_mnist_gpu.py")
 
 
 def load(name: str, variant: str = ""):
@@ -92,34 +94,44 @@ def test_config_validates_and_builds_its_unet(name, variant):
     assert unet.num_classes == num_classes and unet.image_size == config.data.image_size
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS)
-def test_configs_without_variants_refuse_one(name):
-    with pytest.raises(ValueError):
-        load(name, "no_such_variant")
-
-
-@pytest.mark.parametrize("name", ["fashion_mnist_pretrain.py", "fashion_mnist_eps10.py"])
+@pytest.mark.parametrize("name", NO_VARIANTS + WITH_VARIANTS)
 def test_unknown_variant_is_refused(name):
-    with pytest.raises(ValueError, match="variant"):
+    stem = name.removesuffix(".py")
+    with pytest.raises(ValueError, match=f"unknown {stem} variant 'no_such_variant'"):
         load(name, "no_such_variant")
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS)
-def test_paper_configs_have_more_than_80m_parameters(name):
-    config = load(name)
+def test_parse_arg_reads_big_vision_style_variants():
+    got = parse_arg("eps=1, smoke", name="x", eps=10.0, smoke=False, steps=3, tag="a")
+    assert got.to_dict() == {"eps": 1.0, "smoke": True, "steps": 3, "tag": "a"}
+    assert isinstance(got.eps, float) and isinstance(got.steps, int)
+    assert parse_arg(None, name="x", eps=10.0).eps == 10.0 == parse_arg("", name="x", eps=10.0).eps
+    assert parse_arg("smoke=false", name="x", smoke=True).smoke is False
+    for bad, message in (("eps=ten", "x variant eps=ten: expected float"),
+                         ("eps", "x variant eps needs a value"),
+                         ("smoke=maybe", "x variant smoke=maybe: expected true or false"),
+                         ("epsilon=1", "unknown x variant 'epsilon'; known: eps, smoke")):
+        with pytest.raises(ValueError, match=message):
+            parse_arg(bad, name="x", eps=10.0, smoke=False)
+
+
+@pytest.mark.parametrize("name, variant", PAPER_CONFIGS)
+def test_paper_configs_have_more_than_80m_parameters(name, variant):
+    config = load(name, variant)
     num_classes, _ = DATASETS[dataset_key(config)]
     assert parameters(unet_config(config, num_classes)) >= 80_000_000
 
 
 @pytest.mark.parametrize("pretrain, finetune", [
-    ("imagenet32_pretrain.py", name) for name in FINETUNE_CONFIGS] + [
-    ("fashion_mnist_pretrain.py", "fashion_mnist_eps10.py"),
-    ("fashion_mnist_pretrain.py", "fashion_mnist_eps1.py"),
-    ("fashion_mnist_pretrain.py:smoke", "fashion_mnist_eps10.py:smoke")])
+    ("imagenet32_pretrain.py", ":".join(case)) for case in FINETUNE_CONFIGS] + [
+    ("fashion_mnist_pretrain.py", "fashion_mnist.py"),
+    ("fashion_mnist_pretrain.py", "fashion_mnist.py:eps=1"),
+    ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:smoke"),
+    ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:eps=1,smoke")])
 def test_fine_tuning_fits_its_pretrained_model(pretrain, finetune):
     """`init_from` needs the same architecture and noise schedule (the label embedding may differ
     in size only where `init_reinit` re-initialises it)."""
-    source, target = load(*pretrain.split(":")), load(*finetune.split(":"))
+    source, target = load(*pretrain.split(":", 1)), load(*finetune.split(":", 1))
     assert source.phase == "pretrain" and target.phase == "dp"
     assert source.model.to_dict() == target.model.to_dict()
     assert (source.data.image_size, source.data.channels) == (target.data.image_size,
@@ -133,8 +145,8 @@ def test_fine_tuning_fits_its_pretrained_model(pretrain, finetune):
 @pytest.mark.parametrize("variant", ["", "smoke"])
 def test_fashion_mnist_phases_use_one_split_and_disjoint_parts(variant):
     pretrain = load("fashion_mnist_pretrain.py", variant)
-    for name in ("fashion_mnist_eps10.py", "fashion_mnist_eps1.py"):
-        dp = load(name, variant)
+    for eps in ("eps=10", "eps=1"):
+        dp = load("fashion_mnist.py", ",".join(filter(None, (eps, variant))))
         for field in ("name", "split", "public_fraction", "split_seed"):
             assert pretrain.data[field] == dp.data[field], field
         assert (pretrain.data.subset, dp.data.subset) == ("public", "private")
@@ -156,17 +168,16 @@ def test_two_phase_configs_pretrain_on_the_public_part_of_the_same_split(name, v
     assert pretrain.train.batch_size <= DATASETS[dataset_key(pretrain)][1]
 
 
-@pytest.mark.parametrize("family", [
-    ("cifar10_eps1.py", "cifar10_eps5.py", "cifar10_eps10.py"),
-    ("fashion_mnist_eps1.py", "fashion_mnist_eps10.py"),
-])
-def test_epsilon_variants_differ_only_in_the_privacy_target(family):
-    configs = [flatten(load(name).to_dict()) for name in family]
-    for other in configs[1:]:
-        differing = {key for key in configs[0] if configs[0][key] != other[key]}
-        assert differing == {"dp.target_epsilon"}
-    epsilons = [float(name.split("eps")[1].removesuffix(".py")) for name in family]
-    assert [c["dp.target_epsilon"] for c in configs] == epsilons
+@pytest.mark.parametrize("name, default", [("cifar10.py", 10.0), ("camelyon17.py", 10.0),
+                                           ("fashion_mnist.py", 10.0)])
+def test_epsilon_variants_differ_only_in_the_privacy_target(name, default):
+    base = flatten(load(name).to_dict())
+    assert base["dp.target_epsilon"] == default
+    for eps in (1.0, 5.0, 10.0):
+        other = flatten(load(name, f"eps={eps:g}").to_dict())
+        differing = {key for key in base if base[key] != other[key]}
+        assert differing == ({"dp.target_epsilon"} if eps != default else set())
+        assert other["dp.target_epsilon"] == eps
 
 
 @pytest.mark.parametrize("name, variant", [c for c in CASES if load(*c).phase == "dp"])
@@ -183,10 +194,10 @@ def test_dp_configs_keep_the_seed_secret_and_delta_below_one_over_n(name, varian
 
 
 def test_paper_fine_tuning_uses_the_modified_timestep_distribution():
-    for name in FINETUNE_CONFIGS:
-        d = load(name).diffusion
+    for case in FINETUNE_CONFIGS:
+        d = load(*case).diffusion
         assert len(d.timestep_ranges) > 1 and d.augmult > 1
-        assert load(name).train.batch_size == 4096
+        assert load(*case).train.batch_size == 4096
 
 
 # ml_collections loads config files with the deprecated `load_module`; not ours to fix.

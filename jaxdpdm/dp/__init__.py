@@ -10,8 +10,7 @@
 import importlib
 
 from jaxdpdm.dp import batching
-from jaxdpdm.dp.batching import (host_slice, physical_batch_size, poisson_sample, shuffled_batch,
-                                 split_into_chunks)
+from jaxdpdm.dp.batching import host_slice, poisson_sample, shuffled_batch, split_into_chunks
 from jaxdpdm.dp.clipping import (ClipStats, as_typed_key, clipped_grad_sum, per_example_keys,
                                  trainable_mask)
 from jaxdpdm.dp.noise import DPAggregateState, dp_aggregate, noise_key
@@ -20,7 +19,7 @@ __all__ = [
     "BudgetExceededError", "ClipStats", "DPAggregateState", "PrivacyLedger", "accounting",
     "as_typed_key",
     "batching", "calibrate_noise_multiplier", "clipped_grad_sum", "dp_aggregate", "epsilon",
-    "host_slice", "noise_key", "per_example_keys", "physical_batch_size", "poisson_sample",
+    "host_slice", "noise_key", "per_example_keys", "poisson_sample",
     "shuffled_batch", "split_into_chunks", "trainable_mask",
 ]
 

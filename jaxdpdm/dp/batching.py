@@ -16,10 +16,7 @@ Privacy reasoning:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from scipy import stats
 
 POISSON = "poisson"
 SHUFFLED = "shuffled"
@@ -76,39 +73,6 @@ def shuffled_batch(num_examples: int, batch_size: int, *, seed: int, step: int) 
     permutation = rng.permutation(int(num_examples))
     start = position * int(batch_size)
     return permutation[start:start + int(batch_size)].astype(np.int64)
-
-
-def physical_batch_size(expected_batch_size: float, *, num_shards: int = 1,
-                        microbatch_size: int = 1, num_examples: int | None = None,
-                        overflow_probability: float = 1e-6) -> int:
-    """Capacity of one fixed-shape chunk so that one chunk holds a Poisson draw w.h.p.
-
-    The capacity is the (1 - overflow_probability) quantile of the draw size: Binomial(N, q) when
-    `num_examples` is given, else Poisson(expected_batch_size) (whose upper tail dominates the
-    binomial's, so the capacity is, if anything, larger). It is rounded up to a multiple of
-    num_shards * microbatch_size so every device gets whole microbatches. A draw larger than the
-    capacity is still processed in full, in a second chunk (see `split_into_chunks`).
-
-    Returns:
-      int, a positive multiple of num_shards * microbatch_size.
-    """
-    if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
-        raise ValueError(f"expected_batch_size must be finite and > 0; got {expected_batch_size}")
-    for name, value in (("num_shards", num_shards), ("microbatch_size", microbatch_size)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if not 0 < overflow_probability < 1:
-        raise ValueError(f"overflow_probability must be in (0, 1); got {overflow_probability}")
-    if num_examples is not None:
-        if expected_batch_size > num_examples:
-            raise ValueError(f"expected_batch_size={expected_batch_size} exceeds "
-                             f"num_examples={num_examples}")
-        quantile = stats.binom.ppf(1 - overflow_probability, int(num_examples),
-                                   expected_batch_size / num_examples)
-    else:
-        quantile = stats.poisson.ppf(1 - overflow_probability, expected_batch_size)
-    unit = int(num_shards) * int(microbatch_size)
-    return max(unit, int(math.ceil(max(quantile, 1) / unit)) * unit)
 
 
 def split_into_chunks(indices: np.ndarray, chunk_size: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -206,8 +206,10 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
       microbatch_size: if given, the B rows are processed in B / microbatch_size sequential
         microbatches (`lax.scan`), so peak memory is set by the microbatch, not by B. B must be a
         multiple of it. The result does not depend on it (up to float summation order).
-        Microbatches made only of padding are skipped (`lax.cond`), so padding a Poisson draw
-        to a generous fixed shape costs almost nothing.
+        Microbatches made only of padding are skipped (`lax.cond`). Library-only: jaxdpdm's
+        trainer never takes this path; it calls the compiled step once per microbatch
+        (B = microbatch_size per device, looped on the host by `parallel.DPStep`), which
+        XLA:CPU ran about 10x faster than the scan (benchmarks/RESULTS.md section 5).
       trainable: None, a path regex, or a bool pytree (see `trainable_mask`). Frozen leaves are
         closed over as constants, so they are never differentiated (no weight-gradient compute),
         and come back as float32 zeros.

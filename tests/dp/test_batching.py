@@ -7,8 +7,7 @@ import pytest
 from scipy import stats
 
 from jaxdpdm.dp import accounting
-from jaxdpdm.dp.batching import (host_slice, physical_batch_size, poisson_sample, shuffled_batch,
-                                 split_into_chunks)
+from jaxdpdm.dp.batching import host_slice, poisson_sample, shuffled_batch, split_into_chunks
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -54,23 +53,6 @@ def test_chunks_cover_every_index_once_with_fixed_shapes(draw_size):
         assert np.all(chunk[~mask] == 0)
     real = np.concatenate([chunk[mask] for chunk, mask in chunks])
     np.testing.assert_array_equal(real, indices)  # each selected index exactly once, in order
-
-
-def test_physical_batch_size_covers_the_draw_and_fits_the_mesh():
-    size = physical_batch_size(4096, num_shards=8, microbatch_size=16)
-    assert size % (8 * 16) == 0
-    assert size >= stats.poisson.ppf(1 - 1e-6, 4096)
-    exact = physical_batch_size(4096, num_shards=8, microbatch_size=16, num_examples=50_000)
-    assert 4096 < exact <= size
-    assert physical_batch_size(0.3, num_shards=4, microbatch_size=2) == 8
-    # Large draws are still covered in full: a second chunk, same shape.
-    draws = [poisson_sample(2000, 0.05, seed=0, step=s) for s in range(300)]
-    chunk = physical_batch_size(100, num_shards=2, microbatch_size=2, overflow_probability=0.05)
-    shapes = {c.shape for d in draws for c, _ in split_into_chunks(d, chunk)}
-    assert shapes == {(chunk,)}
-    assert any(len(split_into_chunks(d, chunk)) > 1 for d in draws)
-    with pytest.raises(ValueError):
-        physical_batch_size(10, num_shards=0)
 
 
 def test_shuffled_batches_are_fixed_size_epochs_and_not_accountable_as_poisson():

@@ -1,9 +1,12 @@
-"""The paper's recipe on histopathology patches at epsilon = 10 (Camelyon17 in the paper).
+"""The paper's recipe on histopathology patches at epsilon 10 (Camelyon17 in the paper).
 
-    python -m jaxdpdm.main --config=configs/camelyon17_eps10.py --workdir=runs/camelyon_eps10 \\
+    python -m jaxdpdm.main --config=configs/camelyon17.py --workdir=runs/camelyon_eps10 \\
         --config.init_from=runs/imagenet32 --config.data.data_dir=/path/to/tfds
-    python -m jaxdpdm.main --config=configs/camelyon17_eps10.py --workdir=runs/camelyon_eps10 \\
+    python -m jaxdpdm.main --config=configs/camelyon17.py --workdir=runs/camelyon_eps10 \\
         --config.data.data_dir=/path/to/tfds --mode=sample      # then --mode=evaluate
+
+Variant `eps` (big_vision style, `jaxdpdm.recipes.parse_arg`), e.g. `configs/camelyon17.py:eps=1`;
+the default is `eps=10`, the paper's Camelyon17 target.
 
 The data: the paper fine-tunes on Camelyon17 as packaged by WILDS (96x96 lymph-node patches
 from 5 hospitals, labelled by whether the central region shows tumour; the training split has
@@ -22,31 +25,25 @@ and run with `--config.data.name=image_folder --config.data.data_dir=DIR`. An im
 no splits, so `--mode=evaluate` cannot find a test set from this config that way: evaluate the
 samples against the WILDS test patches with a config whose data points at them.
 
-Where the values come from (Ghalebikesabi et al., 2023, arXiv 2302.13861): the model, the
-fine-tuning recipe and their provenance are those of `configs/cifar10_eps10.py`
-(`paper_dp_finetuning`): epsilon 10 is from the paper; the rest is documented there. Choices
-made here: PCam instead of WILDS (above); 32x32 (we assume the paper also fine-tuned at the
-pretraining resolution; not verified); delta = 1e-6, below 1 / N = 3.8e-6 for N = 262,144
-(1e-5 would exceed 1 / N; use `--config.dp.delta=1e-5` to match the CIFAR-10 runs); the same
-batch size 4096 and 1000 steps (15.6 epochs at q = 4096 / 262144; sigma is calibrated to about
-0.65). Compute and memory per step are those of the CIFAR-10 configs.
+The model and fine-tuning recipe are those of configs/cifar10.py
+(`jaxdpdm.recipes.paper_dp_finetuning`, with provenance tags), including the batch size 4096 and
+1000 steps (15.6 epochs at q = 4096 / 262144; sigma is calibrated to about 0.65 at epsilon 10);
+compute and memory per step are those of the CIFAR-10 configs.
 """
 
-import pathlib
-import runpy
-
-# configs/ is not a package: load the sibling file by path (works from any working directory).
-_CIFAR = runpy.run_path(str(pathlib.Path(__file__).with_name("cifar10_eps10.py")))
+from jaxdpdm.recipes import paper_dp_finetuning, parse_arg
 
 
 def get_config(arg=None):
-    if arg not in (None, ""):
-        raise ValueError(f"camelyon17_eps10 has no variants (got {arg!r})")
-    config = _CIFAR["paper_dp_finetuning"](10.0)
-    config.data.name = "tfds:patch_camelyon"
+    variant = parse_arg(arg, name="camelyon17", eps=10.0)
+    config = paper_dp_finetuning(variant.eps)  # paper: Camelyon17 at epsilon 10
+    config.data.name = "tfds:patch_camelyon"  # ours: PCam instead of WILDS (docstring)
+    # ours: we assume the paper also fine-tuned at the pretraining resolution; not verified.
     config.data.image_size = 32
     config.data.channels = 3
     config.data.split = "train"
     config.data.test_split = "test"
+    # ours: below 1 / N = 3.8e-6 for N = 262,144 (1e-5 would exceed 1 / N; use
+    # --config.dp.delta=1e-5 to match the CIFAR-10 runs).
     config.dp.delta = 1e-6
     return config
