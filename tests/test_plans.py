@@ -10,6 +10,7 @@ import re
 import jax
 import numpy as np
 
+from jaxdpdm import parallel
 from jaxdpdm.dp.clipping import param_path
 from jaxdpdm.train import Trainer
 
@@ -29,7 +30,11 @@ def _two_updates(trainer, grad_sums):
     s = trainer.state
     params, opt_state, ema = s["params"], s["opt_state"], s["ema_params"]
     for grad_sum in grad_sums:
+        old_ema = ema
         params, opt_state, ema = trainer.plan.step_fn.apply(params, opt_state, grad_sum, ema)
+        expected = parallel.ema_update(old_ema, params, trainer.config.train.ema_decay)
+        for got, want in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
     return jax.tree.leaves(params)
 
 
