@@ -9,6 +9,10 @@ update (to float summation order) on 1 device and on 8.
 
 Pretraining step (`make_pretrain_step`): the plain mean gradient, data parallel (`pmean`).
 
+Both builders take an optional `ema_decay`: the exponential moving average of the parameters is
+then updated inside the same compiled program as the optimizer step (one dispatch, one pass over
+the parameters), instead of by a separate program after it.
+
 Inputs are global `jax.Array`s sharded over "data" along their leading axis (`shard_batch`); on a
 multi-host pod every process passes its own slice of the global batch (see `batching.host_slice`).
 Parameters and optimizer state are replicated.
@@ -27,7 +31,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdpdm.dp.clipping import ClipStats, clipped_grad_sum, per_example_keys
+from jaxdpdm.dp.clipping import ClipStats, clipped_grad_sum, per_example_keys, trainable_mask
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -99,17 +103,19 @@ class DPStep:
       accumulate: `(params, batch, mask, step_key) -> (grad_sum, ClipStats)`; batch leaves and
         mask bool[S] are sharded over "data" with S a multiple of n_devices * microbatch_size.
         grad_sum is the replicated float32 sum of clipped per-example gradients of the chunk.
-      apply: `(params, opt_state, grad_sum) -> (params, opt_state)`; the optimizer (which contains
-        `dp_aggregate`) adds the one noise draw and divides by the expected batch size.
+      apply: `(params, opt_state, grad_sum, ema=None) -> (params, opt_state[, ema])`; the
+        optimizer (which contains `dp_aggregate`) adds the one noise draw and divides by the
+        expected batch size; frozen leaves come back unchanged; with `ema` (a params-shaped
+        pytree; needs `ema_decay`) the updated EMA is returned as well.
       mesh: the data mesh.
     """
     accumulate: Callable[..., tuple[PyTree, ClipStats]]
-    apply: Callable[..., tuple[PyTree, PyTree]]
+    apply: Callable[..., tuple]
     mesh: Mesh
 
     def __call__(self, params: PyTree, opt_state: PyTree,
                  chunks: Sequence[tuple[PyTree, Any]], step_key: jax.Array,
-                 extra_sum: PyTree | None = None):
+                 extra_sum: PyTree | None = None, *, ema: PyTree | None = None):
         """Runs one logical batch given as chunks `[(batch, mask), ...]` of identical shapes.
 
         `grad_sum` adds the chunks' sums; noise is added ONCE (in `apply`), so splitting a Poisson
@@ -119,13 +125,17 @@ class DPStep:
         chunk's sum.
 
         Returns:
-          (params, opt_state, ClipStats) with norms/losses f32[num_chunks * S] in chunk order.
+          (params, opt_state, ClipStats) with norms/losses f32[num_chunks * S] in chunk order;
+          given `ema`, (params, opt_state, ClipStats, ema) with the EMA updated in `apply`.
         """
         grad_sum, stats = self.grad_sum(params, chunks, step_key)
         if extra_sum is not None:
             grad_sum = _tree_add(grad_sum, replicate(extra_sum, self.mesh))
-        params, opt_state = self.apply(params, opt_state, grad_sum)
-        return params, opt_state, stats
+        if ema is None:
+            params, opt_state = self.apply(params, opt_state, grad_sum)
+            return params, opt_state, stats
+        params, opt_state, ema = self.apply(params, opt_state, grad_sum, ema)
+        return params, opt_state, stats, ema
 
     def grad_sum(self, params: PyTree, chunks: Sequence[tuple[PyTree, Any]],
                  step_key: jax.Array) -> tuple[PyTree, ClipStats]:
@@ -166,8 +176,22 @@ def _merge_stats(stats: Sequence[ClipStats]) -> ClipStats:
                      num_nonfinite=sum(s.num_nonfinite for s in stats))
 
 
+def ema_update(ema: PyTree, params: PyTree, decay: float) -> PyTree:
+    """`decay * ema + (1 - decay) * params`, leaf by leaf, in the EMA's dtype."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def _ema_or_refuse(ema: PyTree | None, params: PyTree, decay: float | None) -> PyTree | None:
+    if ema is None:
+        return None
+    if decay is None:
+        raise ValueError("an EMA was passed to a step built without ema_decay")
+    return ema_update(ema, params, decay)
+
+
 def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, clip_norm: float,
-                 microbatch_size: int, mesh: Mesh, trainable: PyTree | str | None = None) -> DPStep:
+                 microbatch_size: int, mesh: Mesh, trainable: PyTree | str | None = None,
+                 ema_decay: float | None = None) -> DPStep:
     """Builds the jit(shard_map) DP-SGD step.
 
     Args:
@@ -180,7 +204,11 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
         per compiled call, looped on the host by `DPStep.__call__`); a larger chunk runs its
         microbatches as the library-only `lax.scan` of `clipped_grad_sum`.
       mesh: a 1-D "data" mesh (`make_data_mesh`).
-      trainable: None, a path regex or a bool pytree; frozen leaves are not differentiated.
+      trainable: None, a path regex or a bool pytree (`clipping.trainable_mask`). Frozen leaves
+        are not differentiated, take no part in the clipped norm, and are returned unchanged by
+        `apply` whatever the optimizer makes of their (zero) updates (e.g. decoupled weight
+        decay). Give the optimizer's `dp_aggregate` the same spec, so they get no noise either.
+      ema_decay: if given, `apply` also updates an EMA of the parameters passed as `ema=`.
     """
     grad_fn = clipped_grad_sum(loss_fn, clip_norm=clip_norm, microbatch_size=microbatch_size,
                                trainable=trainable)
@@ -210,11 +238,18 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
         return sharded_sum(params, batch, mask, step_key)
 
     @jax.jit
-    def apply(params, opt_state, grad_sum):
+    def apply(params, opt_state, grad_sum, ema=None):
         # Replicated computation: every device draws the same noise from the (seed, step) key in
         # opt_state, so there is one noise draw per logical batch, not one per device.
         updates, opt_state = optimizer.update(grad_sum, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        new_params = optax.apply_updates(params, updates)
+        if trainable is not None:  # a static, per-leaf choice: frozen leaves are the old arrays
+            flags = jax.tree.leaves(trainable_mask(params, trainable))
+            leaves, treedef = jax.tree.flatten(new_params)
+            new_params = treedef.unflatten([new if flag else old for new, old, flag in zip(
+                leaves, jax.tree.leaves(params), flags)])
+        ema = _ema_or_refuse(ema, new_params, ema_decay)
+        return (new_params, opt_state) if ema is None else (new_params, opt_state, ema)
 
     return DPStep(accumulate=accumulate, apply=apply, mesh=mesh)
 
@@ -225,14 +260,15 @@ def _l2_norm(tree: PyTree) -> jax.Array:
 
 
 def make_pretrain_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                       mesh: Mesh) -> Callable:
+                       mesh: Mesh, ema_decay: float | None = None) -> Callable:
     """Builds the non-private data-parallel step (mean gradient, no clipping, no noise).
 
     Returns:
-      `step(params, opt_state, batch, step_key) -> (params, opt_state, {"loss", "grad_norm"})`,
-      batch leaves with leading size a multiple of the device count (host arrays are sharded with
-      `shard_batch`); "loss" is the batch-mean loss before the update, "grad_norm" the global L2
-      norm of the mean gradient.
+      `step(params, opt_state, batch, step_key, *, ema=None) -> (params, opt_state,
+      {"loss", "grad_norm"})`, batch leaves with leading size a multiple of the device count
+      (host arrays are sharded with `shard_batch`); "loss" is the batch-mean loss before the
+      update, "grad_norm" the global L2 norm of the mean gradient. Given `ema` (needs
+      `ema_decay`), the EMA updated in the same program is returned last.
     """
     def device_mean(params, batch, step_key):
         local_size = jax.tree.leaves(batch)[0].shape[0]
@@ -252,13 +288,15 @@ def make_pretrain_step(loss_fn: Callable, optimizer: optax.GradientTransformatio
                                  out_specs=(P(), P()))
 
     @jax.jit
-    def jitted_step(params, opt_state, batch, step_key):
+    def jitted_step(params, opt_state, batch, step_key, ema):
         loss, grads = sharded_mean(params, batch, step_key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics = {"loss": loss, "grad_norm": _l2_norm(grads)}
-        return optax.apply_updates(params, updates), opt_state, metrics
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics, _ema_or_refuse(ema, params, ema_decay)
 
-    def step(params, opt_state, batch, step_key):
-        return jitted_step(params, opt_state, shard_batch(batch, mesh), step_key)
+    def step(params, opt_state, batch, step_key, *, ema=None):
+        out = jitted_step(params, opt_state, shard_batch(batch, mesh), step_key, ema)
+        return out if ema is not None else out[:3]
 
     return step

@@ -1,16 +1,20 @@
 """What a workdir must satisfy before a run starts or resumes in it.
 
 A resumed run continues one privacy account, so everything the account depends on must be the
-checkpoint's: the privacy target, the seed, the data. A fresh DP start must not silently make a
-second release next to an earlier one. Each check raises ValueError with one line saying what
-differs and what to do.
+checkpoint's: the phase, the privacy target (ledger), the noise multiplier, the seed, the data.
+A fresh start must not fine-tune from an unsound `init_from`, and a fresh DP start must not
+silently make a second release next to an earlier one. `check_workdir` runs every one of these
+checks (the data's once the dataset is built, with `Resumption.check_data`); each raises
+ValueError with one line saying what differs and what to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,6 +26,60 @@ from jaxdpdm.evaluation.report import release_traces
 from jaxdpdm.experiment import fingerprint_mismatch
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumption:
+    """What a workdir fixes for the run about to start in it (every check has passed).
+
+    Attributes:
+      step: the newest restorable checkpoint's step; None for a fresh start.
+      config: the config with its seed resolved (`with_seed`).
+      seed_fixed: whether that seed is known to whoever has the config; None when an old
+        checkpoint did not record it.
+      ledger: the checkpoint's privacy ledger (DP resume only, else None).
+      noise_multiplier: the checkpoint's sigma (DP resume only, else None).
+      restart_traces: release traces of an earlier DP run in a fresh DP workdir that
+        `allow_restart` lets this run start over in (else empty).
+      meta: the checkpoint's metadata (empty for a fresh start).
+    """
+    step: int | None
+    config: Any
+    seed_fixed: bool | None
+    ledger: accounting.PrivacyLedger | None = None
+    noise_multiplier: float | None = None
+    restart_traces: list[str] = dataclasses.field(default_factory=list)
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def check_data(self, fingerprint: dict) -> None:
+        """Refuses to resume on other data than the checkpoint's (`check_same_data`)."""
+        if self.meta:
+            check_same_data(self.meta, fingerprint)
+
+
+def check_workdir(store: CheckpointStore, config, workdir: str,
+                  allow_restart: bool = False) -> Resumption:
+    """Every check the start or resumption of `config` in `workdir` must pass, in one place.
+
+    A resumption must keep the checkpoint's phase, seed, privacy target (`resumed_ledger`) and
+    noise multiplier (`resumed_noise_multiplier`); a fresh start must pass `check_init_from` and,
+    for a DP run, `refuse_spent_workdir`. The data are checked later with `check_data`.
+    """
+    latest, meta = store.newest_restorable(meta_problem)
+    if not meta:
+        check_init_from(config)
+        traces = (refuse_spent_workdir(workdir, allow_restart) if config.phase == "dp" else [])
+        return Resumption(None, with_seed(config, None), config.seed is not None,
+                          restart_traces=traces)
+    if meta.get("phase") != config.phase:
+        raise ValueError(f"{workdir} holds a {meta.get('phase')!r} run, this config is "
+                         f"phase {config.phase!r}: use a new workdir (and init_from)")
+    ledger = sigma = None
+    if config.phase == "dp":
+        ledger = resumed_ledger(meta["ledger"], config)
+        sigma = resumed_noise_multiplier(meta["noise_multiplier"], config)
+    return Resumption(latest, with_seed(config, meta.get("seed")), meta.get("seed_fixed"),
+                      ledger, sigma, meta=meta)
 
 
 def check_init_from(config) -> None:
@@ -68,6 +126,18 @@ def resumed_ledger(record: dict, config) -> accounting.PrivacyLedger:
                              f"{saved!r}; a run's privacy target cannot change on resume (use "
                              "a new workdir)")
     return ledger
+
+
+def resumed_noise_multiplier(stored: float, config) -> float:
+    """The checkpoint's sigma, which the ledger recorded: a config may not change it."""
+    given = config.dp.noise_multiplier
+    if given is not None and given != stored:
+        raise ValueError(f"dp.noise_multiplier={given} differs from the checkpoint's {stored}; "
+                         "use a new workdir")
+    if not stored > 0:  # written by a version that accepted sigma = 0: nothing was private
+        raise ValueError(f"the checkpoint's noise multiplier is {stored}: that run added no "
+                         "noise, so it cannot be resumed as a DP run (use a new workdir)")
+    return float(stored)
 
 
 def meta_problem(meta: dict) -> str | None:

@@ -18,7 +18,9 @@ import pytest
 
 from jaxdpdm.dp import accounting
 from jaxdpdm.experiment import build_experiment, dataset_fingerprint, fingerprint_mismatch
-from jaxdpdm.train import Trainer, plan_dp
+from jaxdpdm.plans import calibrated_noise_multiplier
+from jaxdpdm.resume import resumed_noise_multiplier
+from jaxdpdm.train import Trainer
 from jaxdpdm.workdir_lock import LOCK_NAME
 
 
@@ -197,9 +199,8 @@ def test_a_dp_run_without_noise_is_refused_before_writing_anything(tmp_path, tin
         Trainer(config, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
     # A checkpoint written by a version that accepted sigma = 0 cannot be resumed either.
-    ledger = accounting.PrivacyLedger(10.0, 1e-5, num_examples=1442)
     with pytest.raises(ValueError, match="added no noise"):
-        plan_dp(tiny_config(), 1442, 1, ledger, stored_sigma=0.0)
+        resumed_noise_multiplier(0.0, tiny_config())
 
 
 def test_a_changed_dataset_is_refused_on_resume(tmp_path, tiny_config, finished_run):
@@ -335,12 +336,10 @@ def test_no_restorable_checkpoint_is_one_clear_error(tmp_path, tiny_config, fini
 
 def test_delta_of_at_least_one_over_n_warns_once_when_a_run_starts(tiny_config):
     """The ledger and the calibration used to warn about delta >= 1/N twice."""
-    from jaxdpdm.train import plan_dp
-
     config = tiny_config()
     config.dp.delta, config.dp.accountant = 0.01, "rdp"  # rdp: PLD at this small sigma is slow
     with pytest.warns(UserWarning) as caught:
         ledger = accounting.PrivacyLedger(config.dp.target_epsilon, config.dp.delta,
                                           accountant="rdp", num_examples=100)
-        plan_dp(config, 100, 1, ledger, None)
+        calibrated_noise_multiplier(config, config.train.batch_size / 100, ledger)
     assert sum("1/N" in str(w.message) for w in caught) == 1

@@ -247,7 +247,7 @@ class CanaryInjector:
 
         def update_fn(updates, state, params=None):
             del params
-            leaves = jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+            leaves = jax.tree.leaves(updates)
             step = jnp.zeros((m,), jnp.float32)
             for leaf, ids, pos in zip(*placement):
                 step = step.at[ids].set(jnp.asarray(leaves[leaf], jnp.float32).reshape(-1)[pos])

@@ -63,8 +63,7 @@ def param_path(path) -> str:
     return "/".join(parts)
 
 
-def trainable_mask(params: PyTree, trainable: PyTree | str | None, *,
-                   is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+def trainable_mask(params: PyTree, trainable: PyTree | str | None) -> PyTree:
     """Resolves a trainable-parameter spec to a boolean pytree with the structure of `params`.
 
     Args:
@@ -72,7 +71,6 @@ def trainable_mask(params: PyTree, trainable: PyTree | str | None, *,
       trainable: None (everything trainable); a regular expression searched in each leaf's path
         ("params/Block_0/Conv_0/kernel"); or a pytree of Python bools with the structure of
         `params`.
-      is_leaf: optional predicate marking extra leaves of `params` (e.g. optax.MaskedNode).
 
     Returns:
       A pytree of Python bools, True for trainable leaves.
@@ -81,13 +79,13 @@ def trainable_mask(params: PyTree, trainable: PyTree | str | None, *,
       ValueError: the spec has the wrong structure, is not concrete, or selects no parameter.
     """
     if trainable is None:
-        return jax.tree.map(lambda _: True, params, is_leaf=is_leaf)
+        return jax.tree.map(lambda _: True, params)
     if isinstance(trainable, str):
         pattern = re.compile(trainable)
         mask = jax.tree_util.tree_map_with_path(
-            lambda path, _: bool(pattern.search(param_path(path))), params, is_leaf=is_leaf)
+            lambda path, _: bool(pattern.search(param_path(path))), params)
     else:
-        treedef = jax.tree.structure(params, is_leaf=is_leaf)
+        treedef = jax.tree.structure(params)
         try:
             flags = treedef.flatten_up_to(trainable)
         except (ValueError, TypeError) as err:

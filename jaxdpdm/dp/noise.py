@@ -15,7 +15,11 @@ Privacy reasoning:
   batch size would leak it: the size itself depends on whether a given example was drawn, and it
   is not protected by the noise.
 * Frozen parameters receive neither gradient nor noise, so they never change: releasing them costs
-  nothing beyond the public pretrained values.
+  nothing beyond the public pretrained values. `trainable=` is the one way to freeze: the noise of
+  a trainable coordinate is its slice of one draw laid out over ALL leaves, so it does not depend
+  on which other leaves are frozen. Inside `optax.masked` / `optax.multi_transform` the frozen
+  leaves arrive as `MaskedNode`s of unknown size, which would shift that layout: such trees are
+  refused.
 * The noise key derives from (seed, step) with the step counter held in the optimizer state, so a
   run resumed from a checkpoint draws exactly the noise an uninterrupted run would have drawn
   (determinism invariant). The seed must be kept secret: noise an adversary can regenerate
@@ -100,15 +104,18 @@ def dp_aggregate(*, clip_norm: float, noise_multiplier: float, expected_batch_si
 
     def update_fn(updates: PyTree, state: DPAggregateState, params: PyTree | None = None):
         del params
-        # optax.masked / multi_transform hand us trees with MaskedNode() in place of the leaves
-        # of other groups: keep them as opaque leaves so a full-structure mask still lines up.
-        leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_masked_node)
-        flags = treedef.flatten_up_to(trainable_mask(updates, trainable, is_leaf=_is_masked_node))
+        if any(_is_masked_node(x) for x in jax.tree.leaves(updates, is_leaf=_is_masked_node)):
+            raise ValueError(
+                "dp_aggregate got optax.MaskedNode leaves (it is inside optax.masked or "
+                "multi_transform): the noise layout would then depend on which leaves are frozen; "
+                "chain it outside and freeze with its trainable= argument")
+        leaves, treedef = jax.tree.flatten(updates)
+        flags = treedef.flatten_up_to(trainable_mask(updates, trainable))
         # ONE draw of i.i.d. N(0, 1) for all coordinates, each leaf taking the slice at its
         # position over ALL leaves (so freezing a leaf does not change the others' noise). One
         # draw, not one per leaf: per-leaf draws compiled ~8x slower (57 s vs 7.5 s for a UNet
         # of 129 leaves on XLA:CPU) for the same distribution.
-        sizes = [0 if _is_masked_node(leaf) else int(np.size(leaf)) for leaf in leaves]
+        sizes = [int(np.size(leaf)) for leaf in leaves]
         offsets = np.cumsum([0] + sizes)
         noise = None
         if noise_std > 0 and any(f and size for f, size in zip(flags, sizes)):
@@ -116,9 +123,6 @@ def dp_aggregate(*, clip_norm: float, noise_multiplier: float, expected_batch_si
                                       jnp.float32)
         out = []
         for leaf, start, is_trainable in zip(leaves, offsets[:-1], flags):
-            if _is_masked_node(leaf):
-                out.append(leaf)
-                continue
             leaf = jnp.asarray(leaf, jnp.float32)
             if not is_trainable:
                 out.append(jnp.zeros_like(leaf))

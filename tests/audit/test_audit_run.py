@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from jaxdpdm import train as train_module
+from jaxdpdm import plans as plans_module
 from jaxdpdm.audit import run as audit_run
 from jaxdpdm.audit.run import AUDIT_SUBDIR, run_audit
 from jaxdpdm.config import validate_config
@@ -76,7 +76,7 @@ def test_noise_divided_by_ten_is_caught_by_the_white_box_audit(tiny_config, tmp_
     def broken(**kwargs):
         return dp_aggregate(**{**kwargs, "noise_multiplier": kwargs["noise_multiplier"] / 10})
 
-    monkeypatch.setattr(train_module, "dp_aggregate", broken)
+    monkeypatch.setattr(plans_module, "dp_aggregate", broken)
     report = run_audit(_audit_config(tiny_config), str(tmp_path))
     bounds = report["canaries"]["gradient"]
     print("noise / 10:", report["canaries"])
