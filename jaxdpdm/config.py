@@ -165,6 +165,9 @@ def get_config(arg=None):
     # Also write the samples as PNGs into this folder, one sub-folder per class (the layout the
     # "image_folder" dataset and most training pipelines read). None: only samples/chunk_*.npz.
     config.sample.image_folder = config_dict.placeholder(str)
+    # Also write all samples to this one compressed .npz (images, labels and a provenance JSON
+    # naming the checkpoint step and the privacy guarantee), e.g. to publish them.
+    config.sample.npz_file = config_dict.placeholder(str)
 
     # --- evaluation (--mode=evaluate) ---
     config.eval = ml_collections.ConfigDict()

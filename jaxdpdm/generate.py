@@ -107,6 +107,18 @@ def archive_stale_samples(workdir: str, step: int) -> str | None:
     return archive
 
 
+def _provenance(config, workdir: str, meta: dict) -> dict[str, Any]:
+    """What an exported sample file should say about where it came from."""
+    report_path = os.path.join(workdir, PRIVACY_JSON)
+    guarantee = (json.loads(storage.read_text(report_path)).get("guarantee")
+                 if os.path.exists(report_path) else None)
+    return {"dataset": config.data.name, "subset": config.data.subset,
+            "checkpoint_step": meta["step"], "phase": config.phase,
+            "sampler": {k: config.sample[k] for k in ("sampler", "ddim_steps", "eta",
+                                                      "guidance_scale", "seed")},
+            "privacy_guarantee": guarantee}
+
+
 def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     """Generates `sample.num_samples` class-balanced images from the workdir's EMA model."""
     validate_config(config)
@@ -154,4 +166,7 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     if s.image_folder:
         count = sampling.export_image_folder(workdir, s.image_folder, u.num_classes or 1)
         print(f"[sample] wrote {count} PNGs to {s.image_folder}/<class>/", flush=True)
+    if s.npz_file:
+        count = sampling.export_npz(workdir, s.npz_file, _provenance(config, workdir, meta))
+        print(f"[sample] wrote {count} samples to {s.npz_file}", flush=True)
     return summary

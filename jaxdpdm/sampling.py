@@ -431,6 +431,32 @@ def load_samples(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 EXPORT_MARKER = ".jaxdpdm_export.json"
 
 
+def export_npz(out_dir: str | os.PathLike, path: str | os.PathLike,
+               provenance: dict | None = None) -> int:
+    """Writes the samples of `out_dir/samples/` to one compressed `.npz`; returns their number.
+
+    The file holds `images` uint8 `[N, H, W, C]` and `labels` int32 `[N]` (the layout the "npz"
+    dataset source reads, so the file can be re-evaluated or trained on as it is), and
+    `provenance`, a JSON string (e.g. the checkpoint step and the privacy guarantee of the model
+    that drew them). It is written to a temporary name and renamed, so a crash leaves either the
+    old file or the new one.
+    """
+    images, labels = load_samples(out_dir)
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not path.endswith(".npz"):
+        raise ValueError(f"sample.npz_file must end in .npz, got {path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez_compressed(tmp, images=images, labels=labels.astype(np.int32),
+                            provenance=np.array(json.dumps(provenance or {}, sort_keys=True)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return int(len(images))
+
+
 def export_image_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
                         num_classes: int) -> int:
     """Writes the samples of `out_dir/samples/` as PNGs in an image folder; returns their number.

@@ -38,8 +38,14 @@ def test_train_sample_evaluate(tmp_path):
 
     sample = _main(config, f"--workdir={workdir}", "--mode=sample",
                    "--config.sample.num_samples=30", "--config.sample.batch_size=20",
-                   f"--config.sample.image_folder={workdir}/png")
+                   f"--config.sample.image_folder={workdir}/png",
+                   f"--config.sample.npz_file={workdir}/synthetic.npz")
     assert sample.returncode == 0, sample.stderr[-3000:]
+    with np.load(os.path.join(workdir, "synthetic.npz"), allow_pickle=False) as published:
+        assert published["images"].shape[0] == 30
+        provenance = json.loads(str(published["provenance"]))
+    assert provenance["checkpoint_step"] == 2
+    assert provenance["privacy_guarantee"] == report["guarantee"]
     chunks = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert chunks == ["chunk_00000.npz", "chunk_00001.npz", "meta.json"]
     classes = sorted(n for n in os.listdir(os.path.join(workdir, "png")) if not n.startswith("."))

@@ -1,5 +1,6 @@
 """Tests for jaxdpdm/sampling.py: samplers on analytic and tiny random models, guidance, resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxdpdm import diffusion, sampling
+from jaxdpdm.data import DataSpec, load_dataset
 from jaxdpdm.data.folder import load_image_folder
 
 T = 50
@@ -266,3 +268,20 @@ def test_image_folder_export_reads_back_exactly(tmp_path):
     assert (tmp_path / "mine" / "keep.txt").exists()
     with pytest.raises(ValueError, match=r"no image of class\(es\) \[11, 12\]"):
         sampling.export_image_folder(tmp_path, tmp_path / "more", num_classes=13)
+
+
+def test_npz_export_reads_back_through_the_npz_source(tmp_path):
+    sampling.generate_samples(_cheap_sample_fn, out_dir=tmp_path, num_samples=23, num_classes=11,
+                              batch_size=8, seed=0, grid_per_class=0)
+    images, labels = sampling.load_samples(tmp_path)
+    path = tmp_path / "out" / "synthetic.npz"
+    assert sampling.export_npz(tmp_path, path, {"checkpoint_step": 7}) == 23
+    loaded = load_dataset(DataSpec(name="npz", data_dir=str(path), image_size=images.shape[1],
+                                   channels=images.shape[3]))
+    np.testing.assert_array_equal(loaded.images, images)
+    np.testing.assert_array_equal(loaded.labels, labels)
+    with np.load(path, allow_pickle=False) as archive:
+        assert json.loads(str(archive["provenance"])) == {"checkpoint_step": 7}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic.npz"]  # no temp file
+    with pytest.raises(ValueError, match="must end in .npz"):
+        sampling.export_npz(tmp_path, tmp_path / "synthetic.zip")
