@@ -12,10 +12,10 @@ import hashlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdpdm import diffusion
+from jaxdpdm.images import to_model_range
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
 from jaxdpdm.models import unet
 from jaxdpdm.models.unet import UNetConfig
@@ -63,7 +63,7 @@ class Experiment:
     def loss_fn(self, params, example, rng) -> jax.Array:
         """Per-example diffusion loss; `example` holds one uint8 image `[H, W, C]` and its label."""
         d = self.config.diffusion
-        image = example["image"].astype(jnp.float32) / 127.5 - 1.0
+        image = to_model_range(example["image"])
         return diffusion.per_example_loss(
             self.train_apply, params, {"image": image, "label": example["label"]}, rng,
             schedule=self.schedule, timestep_dist=self.timestep_dist, augmult=d.augmult,

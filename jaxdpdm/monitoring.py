@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpdm import sampling, storage
-from jaxdpdm.images import display_scale, save_grid_png, to_uint8
+from jaxdpdm.images import display_scale, from_model_range, save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class GridWriter:
 
     def write(self, params, path: str) -> None:
         images = self._sample(params, self._key, self._labels)
-        save_grid_png(to_uint8(np.asarray(images)), path, rows=self._rows, scale=self._scale)
+        save_grid_png(from_model_range(images), path, rows=self._rows, scale=self._scale)
         log.info("wrote %s", path)
 
 
@@ -168,7 +168,7 @@ def score_label_consistency(experiment, params, num_samples: int) -> dict:
         chunk = np.zeros(batch, np.int32)
         chunk[:len(labels[start:start + batch])] = labels[start:start + batch]
         key = jax.random.fold_in(experiment.sample_key(1), i)
-        images.append(to_uint8(np.asarray(draw(params, key, jnp.asarray(chunk)))))
+        images.append(from_model_range(np.asarray(draw(params, key, jnp.asarray(chunk)))))
     images = np.concatenate(images)[:num_samples]
     classifier, class_names = label_consistency.fit_for_config(experiment.config)
     report = label_consistency.label_consistency(classifier, images, labels)

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from jaxdpdm import diffusion
-from jaxdpdm.images import display_scale, save_grid_png, to_uint8
+from jaxdpdm.images import display_scale, from_model_range, save_grid_png
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def generate_samples(sample_fn: SampleFn, *, out_dir: str | os.PathLike, num_sam
         padded = np.zeros((batch_size,), np.int32)
         padded[:chunk_labels.shape[0]] = chunk_labels
         images = sample_fn(jax.random.fold_in(base_key, chunk), padded)
-        images = to_uint8(np.asarray(images)[:chunk_labels.shape[0]])
+        images = from_model_range(np.asarray(images)[:chunk_labels.shape[0]])
         _write_npz_atomic(path, images=images, labels=chunk_labels)
         generated += 1
         logger.info("wrote %s (%d/%d)", path, chunk + 1, num_chunks)

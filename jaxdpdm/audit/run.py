@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxdpdm import diffusion, storage
+from jaxdpdm.images import to_model_range
 from jaxdpdm.audit.canaries import (CANARY_FILE, CanaryInjector, CanarySet, draw_canaries,
                                     num_trainable_coordinates, released_scores)
 from jaxdpdm.audit.report import VERDICT_KINDS, audit_report, lower_bounds, write_audit_report
@@ -91,7 +92,7 @@ def input_canary_scores(exp, params, images: np.ndarray, labels: np.ndarray, *,
 
     def score(example):
         image, label = example
-        x0 = jnp.broadcast_to(image.astype(jnp.float32) / 127.5 - 1.0, noise.shape)
+        x0 = jnp.broadcast_to(to_model_range(image), noise.shape)
         x_t = diffusion.q_sample(schedule, x0, ts, noise)
         y = jnp.full((num_timesteps,), label, jnp.int32) if conditional else None
         eps = exp.eval_apply(params, x_t, ts, y)
