@@ -21,7 +21,7 @@ import jax
 from jaxdpdm import parallel, sampling, storage
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir
 from jaxdpdm.config import validate_config
-from jaxdpdm.evaluation.report import PRIVACY_JSON
+from jaxdpdm.dp.report import PRIVACY_JSON
 from jaxdpdm.experiment import Experiment, build_experiment
 from jaxdpdm.models import unet
 

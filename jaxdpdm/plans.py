@@ -28,7 +28,7 @@ import optax
 
 from jaxdpdm import parallel, phases
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
-from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
+from jaxdpdm.dp.report import privacy_report, write_privacy_report
 from jaxdpdm.experiment import count_params
 
 log = logging.getLogger(__name__)

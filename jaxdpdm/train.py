@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxdpdm import parallel, phases, storage
 from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore, load_init_params
 from jaxdpdm.config import validate_config
-from jaxdpdm.evaluation.report import archive_earlier_reports
+from jaxdpdm.dp.report import archive_earlier_reports
 from jaxdpdm.experiment import build_experiment, count_params, dataset_fingerprint
 from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
 from jaxdpdm.evaluation.label_consistency import format_consistency

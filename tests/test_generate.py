@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdpdm import checkpoint, generate
-from jaxdpdm.evaluation import report
+from jaxdpdm.dp import report
 from jaxdpdm.experiment import build_experiment
 
 

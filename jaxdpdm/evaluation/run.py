@@ -52,7 +52,7 @@ from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
 from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception,
                                 inception_weights, label_consistency)
 from jaxdpdm import storage
-from jaxdpdm.evaluation.report import PRIVACY_JSON
+from jaxdpdm.dp.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
 
 EVAL_SUBDIR = "eval"
