@@ -188,7 +188,3 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str 
         if saved.get(key) != current[key]:
             return f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now"
     return None
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

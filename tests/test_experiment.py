@@ -134,11 +134,6 @@ def test_loss_fn_on_one_example_is_a_finite_scalar(tiny_experiment, tiny_config)
     assert float(values[0]) != float(values[1])
 
 
-def test_count_params():
-    tree = {"a": np.zeros((3, 4)), "b": {"c": np.zeros((5,))}}
-    assert experiment.count_params(tree) == 17
-
-
 # --- data_spec -------------------------------------------------------------------------------------
 
 def test_data_spec_mirrors_config_data(tiny_config):

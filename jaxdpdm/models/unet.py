@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdpdm.models import count_params
 from jaxdpdm.models.layers import (
     CONV_IMPLS,
     AttentionBlock,
@@ -295,8 +296,7 @@ def init_params(config: UNetConfig, key: jax.Array) -> dict:
 def count_parameters(config: UNetConfig) -> int:
     """Number of parameters of `UNet(config)`, from shapes only (`jax.eval_shape`): nothing
     is allocated, so this is cheap even for the 80M-parameter model."""
-    shapes = jax.eval_shape(init_params, config, jax.random.key(0))
-    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(shapes)))
+    return count_params(jax.eval_shape(init_params, config, jax.random.key(0)))
 
 
 def make_apply_fn(config: UNetConfig, *, train: bool) -> Callable[..., jax.Array]:
