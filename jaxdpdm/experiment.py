@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from jaxdpdm import diffusion, sampling
-from jaxdpdm.images import to_model_range
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.images import to_model_range
 from jaxdpdm.models import unet
 from jaxdpdm.models.unet import UNetConfig
 

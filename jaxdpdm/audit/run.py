@@ -19,11 +19,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxdpdm import diffusion, storage
-from jaxdpdm.images import to_model_range
 from jaxdpdm.audit.canaries import (CANARY_FILE, CanaryInjector, CanarySet, draw_canaries,
                                     num_trainable_coordinates, released_scores)
 from jaxdpdm.audit.report import VERDICT_KINDS, audit_report, lower_bounds, write_audit_report
 from jaxdpdm.config import validate_config
+from jaxdpdm.images import to_model_range
 
 log = logging.getLogger(__name__)
 
