@@ -59,7 +59,7 @@ if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdpdm import diffusion, parallel  # noqa: E402
 from jaxdpdm.dp import dp_aggregate, per_example_keys  # noqa: E402
-from jaxdpdm.models import unet  # noqa: E402
+from jaxdpdm.models import count_params, unet  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIB = 2 ** 20
@@ -209,7 +209,7 @@ class Bench:
         # float32 config: one init program (cached by jit) serves both dtypes.
         self.params = unet.init_params(dataclasses.replace(config, dtype=jnp.float32),
                                        jax.random.key(seed))
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        self.num_params = count_params(self.params)
         self.host_batch = synthetic_batch(config, chunk_rows, seed)
         self.key = jax.random.key(seed + 1)
         self._programs: dict[tuple[str, int], Program] = {}

@@ -39,11 +39,11 @@ if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdpdm import sampling  # noqa: E402
 from jaxdpdm.data import load_dataset  # noqa: E402
-from jaxdpdm.evaluation import downstream, label_consistency  # noqa: E402
-from jaxdpdm.evaluation.run import _downstream_config  # noqa: E402
+from jaxdpdm.evaluation import classifier_training, label_consistency  # noqa: E402
+from jaxdpdm.evaluation.run import downstream_config  # noqa: E402
 from jaxdpdm.experiment import data_spec  # noqa: E402
 from jaxdpdm.generate import load_trained  # noqa: E402
-from jaxdpdm.images import to_uint8  # noqa: E402
+from jaxdpdm.images import from_model_range  # noqa: E402
 
 
 def load_config(spec: str):
@@ -70,7 +70,7 @@ def draw(exp, params, *, num: int, batch: int, guidance: float, steps: int, seed
         part = labels[i * batch:(i + 1) * batch]
         chunk[:len(part)] = part
         images = sample_fn(jax.random.fold_in(jax.random.key(seed), i), chunk)
-        out.append(to_uint8(np.asarray(images)[:len(part)]))
+        out.append(from_model_range(np.asarray(images)[:len(part)]))
     return np.concatenate(out), labels
 
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     num_classes = exp.unet_config.num_classes
     reader = label_consistency.fit_label_classifier(
         (public.images, public.labels), None, num_classes, kind="logistic")
-    recipe = _downstream_config(config)
+    recipe = downstream_config(config)
     results = []
     for steps in args.ddim_steps:
         for guidance in args.guidance:
@@ -103,13 +103,13 @@ def main(argv=None) -> int:
             images, labels = draw(exp, params, num=args.num, batch=args.batch,
                                   guidance=guidance, steps=int(steps), seed=args.seed)
             sample_s = time.perf_counter() - start
-            (train_x, train_y), (val_x, val_y) = downstream.split_holdout(
+            (train_x, train_y), (val_x, val_y) = classifier_training.split_holdout(
                 images, labels, recipe.val_fraction, seed=recipe.seed)
-            trained = downstream.train_classifier(
+            trained = classifier_training.train_classifier(
                 train_x, train_y, val_x, val_y, recipe, num_classes=num_classes)
             row = {"guidance": guidance, "ddim_steps": int(steps), "num": args.num,
-                   "public_accuracy": downstream.accuracy(trained, public.images,
-                                                          public.labels),
+                   "public_accuracy": classifier_training.accuracy(trained, public.images,
+                                                                   public.labels),
                    "label_consistency": label_consistency.label_consistency(
                        reader, images, labels)["overall"],
                    "sample_seconds": round(sample_s, 1),

@@ -12,11 +12,11 @@ import hashlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxdpdm import diffusion
+from jaxdpdm import diffusion, sampling
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.images import to_model_range
 from jaxdpdm.models import unet
 from jaxdpdm.models.unet import UNetConfig
 
@@ -63,11 +63,25 @@ class Experiment:
     def loss_fn(self, params, example, rng) -> jax.Array:
         """Per-example diffusion loss; `example` holds one uint8 image `[H, W, C]` and its label."""
         d = self.config.diffusion
-        image = example["image"].astype(jnp.float32) / 127.5 - 1.0
+        image = to_model_range(example["image"])
         return diffusion.per_example_loss(
             self.train_apply, params, {"image": image, "label": example["label"]}, rng,
             schedule=self.schedule, timestep_dist=self.timestep_dist, augmult=d.augmult,
             random_flip=d.random_flip, label_dropout=d.label_dropout, null_label=self.null_label)
+
+    def sampler(self) -> sampling.Sampler:
+        """The sampler `config.sample` describes, for this model: the one factory behind the
+        training-time grids and `--mode=sample`.
+
+        Returns:
+          A pure, jittable `sample(params, schedule, key, labels i32[B]) -> f32[B, H, W, C]` in
+          [-1, 1] (`sampling.make_sampler`); `sampling.jit_sampler` binds it to parameters.
+        """
+        s, u = self.config.sample, self.unet_config
+        return sampling.make_sampler(
+            self.eval_apply, self.schedule, image_shape=(u.image_size, u.image_size, u.in_channels),
+            method=s.sampler, num_steps=s.ddim_steps if s.sampler == "ddim" else None, eta=s.eta,
+            guidance_scale=s.guidance_scale, null_label=self.null_label)
 
     def example_key(self, step: int) -> jax.Array:
         """The key of step `step` from which every example's key is folded (by example index)."""
@@ -188,7 +202,3 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str 
         if saved.get(key) != current[key]:
             return f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now"
     return None
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

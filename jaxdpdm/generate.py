@@ -21,7 +21,7 @@ import jax
 from jaxdpdm import parallel, sampling, storage
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir
 from jaxdpdm.config import validate_config
-from jaxdpdm.evaluation.report import PRIVACY_JSON
+from jaxdpdm.dp.report import PRIVACY_JSON
 from jaxdpdm.experiment import Experiment, build_experiment
 from jaxdpdm.models import unet
 
@@ -140,11 +140,7 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     if s.batch_size % mesh.size:
         raise ValueError(f"sample.batch_size={s.batch_size} must be divisible by the "
                          f"{mesh.size} devices")
-    sample_fn = sampling.make_sample_fn(
-        exp.eval_apply, params, exp.schedule,
-        image_shape=(u.image_size, u.image_size, u.in_channels), method=s.sampler,
-        num_steps=s.ddim_steps if s.sampler == "ddim" else None, eta=s.eta,
-        guidance_scale=s.guidance_scale, null_label=exp.null_label, mesh=mesh)
+    sample_fn = sampling.jit_sampler(exp.sampler(), params, exp.schedule, mesh=mesh)
     start = time.perf_counter()
 
     def progress(chunk: int, num_chunks: int) -> None:

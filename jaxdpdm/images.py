@@ -1,8 +1,10 @@
 """Small host-side image utilities shared by sampling, evaluation and the training loop.
 
 Conventions (see the package spec): images on the host are uint8 `[N, H, W, C]`; models see
-float32 in [-1, 1]. These helpers are numpy-only on purpose: they run after a device transfer
-and must not trigger compilation. Pillow is imported only when a PNG is written.
+float32 in [-1, 1], and `to_model_range` / `from_model_range` are the one pair of conversions
+between the two. These helpers use numpy only, on purpose: they run after a device transfer and
+must not trigger compilation (`to_model_range` also accepts a jax array, traced or not, and then
+stays in jax). Pillow is imported only when a PNG is written.
 """
 
 from __future__ import annotations
@@ -15,34 +17,41 @@ import numpy as np
 from jaxdpdm import storage
 
 
-def to_uint8(images) -> np.ndarray:
-    """Maps float images in [-1, 1] to uint8 in [0, 255].
+def to_model_range(pixels):
+    """Maps uint8 pixels {0..255} to float32 in [-1, 1], the range the models see.
+
+    Works on numpy arrays and on jax arrays (also traced, inside `jit`: the conversion then runs
+    on the device, after a uint8 transfer a quarter the size of float32). On the host
+    `x / 127.5 - 1` is exact at 0 and 255; compiled, XLA multiplies by the reciprocal, so a value
+    can differ by one float32 ulp (255 -> 1.0000001). Either way `from_model_range` gives back
+    the pixels exactly.
+
+    Args:
+      pixels: uint8 array `[...]` (numpy or jax), e.g. images `[N, H, W, C]`.
+    Returns:
+      float32 array of the same shape and kind (numpy in, numpy out; jax in, jax out).
+    """
+    if not hasattr(pixels, "dtype"):
+        pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"to_model_range expects uint8 pixels, got dtype {pixels.dtype}")
+    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_model_range(values) -> np.ndarray:
+    """Maps float images in [-1, 1] to uint8 pixels in [0, 255], on the host.
 
     Rounds to the nearest level (improved-diffusion truncates, which biases every pixel down by
     half a level); values outside [-1, 1] are clipped, NaN becomes 0.
 
     Args:
-      images: float array `[..., H, W, C]` (numpy or jax) in [-1, 1].
+      values: float array `[...]` (numpy or jax) in [-1, 1].
     Returns:
       np.uint8 array of the same shape.
     """
-    x = np.asarray(images, dtype=np.float32)
+    x = np.asarray(values, dtype=np.float32)
     x = np.nan_to_num(x, nan=-1.0)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def from_uint8(images) -> np.ndarray:
-    """Maps uint8 images in [0, 255] to float32 in [-1, 1] (the inverse of `to_uint8` on levels).
-
-    Args:
-      images: uint8 array `[..., H, W, C]`.
-    Returns:
-      np.float32 array of the same shape.
-    """
-    x = np.asarray(images)
-    if x.dtype != np.uint8:
-        raise ValueError(f"from_uint8 expects a uint8 array, got dtype {x.dtype}")
-    return x.astype(np.float32) / 127.5 - 1.0
 
 
 def make_grid(images, rows: int, *, padding: int = 2, pad_value: int = 0) -> np.ndarray:

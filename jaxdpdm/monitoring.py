@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdpdm import sampling, storage
-from jaxdpdm.images import display_scale, save_grid_png, to_uint8
+from jaxdpdm import storage
+from jaxdpdm.images import display_scale, from_model_range, save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +125,13 @@ class GridWriter:
                         else jnp.zeros((per_row,), jnp.int32))
         self._key = experiment.sample_key(0)
         self._scale = display_scale(u.image_size)
-        shape = (u.image_size, u.image_size, u.in_channels)
-        self._sample = jax.jit(
-            lambda params, key, labels: sample_images(experiment, params, key, labels, shape))
+        self._schedule = experiment.schedule
+        self._sample = jax.jit(experiment.sampler())
 
     def write(self, params, path: str) -> None:
-        images = self._sample(params, self._key, self._labels)
-        save_grid_png(to_uint8(np.asarray(images)), path, rows=self._rows, scale=self._scale)
+        images = self._sample(params, self._schedule, self._key, self._labels)
+        save_grid_png(from_model_range(images), path, rows=self._rows, scale=self._scale)
         log.info("wrote %s", path)
-
-
-def sample_images(experiment, params, key, labels, shape):
-    """Draws `len(labels)` images `[B, H, W, C]` in [-1, 1] with the configured sampler."""
-    s = experiment.config.sample
-    common = dict(guidance_scale=s.guidance_scale, null_label=experiment.null_label)
-    if s.sampler == "ddpm":
-        return sampling.ddpm_sample(experiment.eval_apply, params, experiment.schedule, key,
-                                    labels, shape, **common)
-    return sampling.ddim_sample(experiment.eval_apply, params, experiment.schedule, key, labels,
-                                shape, num_steps=s.ddim_steps, eta=s.eta, **common)
 
 
 def score_label_consistency(experiment, params, num_samples: int) -> dict:
@@ -161,14 +149,13 @@ def score_label_consistency(experiment, params, num_samples: int) -> dict:
         raise ValueError("label consistency needs a class-conditional model")
     labels = np.arange(num_samples, dtype=np.int32) % u.num_classes
     batch = min(experiment.config.sample.batch_size, num_samples)
-    shape = (u.image_size, u.image_size, u.in_channels)
-    draw = jax.jit(lambda p, key, y: sample_images(experiment, p, key, y, shape))
+    draw = jax.jit(experiment.sampler())
     images = []
     for i, start in enumerate(range(0, num_samples, batch)):
         chunk = np.zeros(batch, np.int32)
         chunk[:len(labels[start:start + batch])] = labels[start:start + batch]
         key = jax.random.fold_in(experiment.sample_key(1), i)
-        images.append(to_uint8(np.asarray(draw(params, key, jnp.asarray(chunk)))))
+        images.append(from_model_range(draw(params, experiment.schedule, key, jnp.asarray(chunk))))
     images = np.concatenate(images)[:num_samples]
     classifier, class_names = label_consistency.fit_for_config(experiment.config)
     report = label_consistency.label_consistency(classifier, images, labels)

@@ -28,8 +28,8 @@ import optax
 
 from jaxdpdm import parallel, phases
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
-from jaxdpdm.evaluation.report import privacy_report, write_privacy_report
-from jaxdpdm.experiment import count_params
+from jaxdpdm.dp.report import privacy_report, write_privacy_report
+from jaxdpdm.models import count_params
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,9 @@ class DPPlan:
     def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict],
                workdir: str, is_lead: bool) -> dict[str, Any]:
         """The privacy report of the run (written to `workdir` by the lead process)."""
-        trained = (params if self.mask is None else
-                   [x for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(self.mask)) if m])
         report = privacy_report(
             self.ledger, config=self.config, num_examples=len(self.exp.dataset),
-            num_params=count_params(params), num_trainable=count_params(trained),
+            num_params=count_params(params), num_trainable=count_params(params, self.mask),
             dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
             calibrated=self.calibrated, seed_fixed=self.seed_fixed,
             earlier_releases=earlier_releases,

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
 from jaxdpdm.dp import accounting
-from jaxdpdm.evaluation.report import release_traces
+from jaxdpdm.dp.report import release_traces
 from jaxdpdm.experiment import fingerprint_mismatch
 
 log = logging.getLogger(__name__)

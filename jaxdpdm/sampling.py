@@ -40,12 +40,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from jaxdpdm import diffusion
-from jaxdpdm.images import display_scale, save_grid_png, to_uint8
+from jaxdpdm.images import display_scale, from_model_range, save_grid_png
 
 logger = logging.getLogger(__name__)
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 SampleFn = Callable[[jax.Array, jax.Array], jax.Array]
+Sampler = Callable[[Any, diffusion.Schedule, jax.Array, jax.Array], jax.Array]
 
 
 def guided_eps(model_fn: ModelFn, params: Any, x: jax.Array, t: jax.Array, labels: jax.Array, *,
@@ -194,23 +195,20 @@ def ddim_sample(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, ke
     return lax.fori_loop(0, steps.shape[0], body, x_init)
 
 
-def make_sample_fn(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, *,
-                   image_shape: tuple[int, int, int], method: str = "ddim",
-                   num_steps: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
-                   null_label: int | None = None, clip_denoised: bool = True,
-                   ddpm_variance: str = "posterior", mesh: Mesh | None = None) -> SampleFn:
-    """Binds a sampler to a model and jits it: `sample_fn(key, labels i32[B]) -> f32[B,H,W,C]`.
-
-    Parameters and schedule are passed to the jitted function as arguments (not closed over),
-    so they are not baked into the compiled program as constants.
+def make_sampler(model_fn: ModelFn, schedule: diffusion.Schedule, *,
+                 image_shape: tuple[int, int, int], method: str = "ddim",
+                 num_steps: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
+                 null_label: int | None = None, clip_denoised: bool = True,
+                 ddpm_variance: str = "posterior") -> Sampler:
+    """Validates the settings and binds them to a model: a pure, jittable sampler
+    `sample(params, schedule, key, labels i32[B]) -> f32[B,H,W,C]` in [-1, 1].
 
     Args:
+      schedule: used here only to validate `num_steps`; the sampler takes the schedule as an
+        argument, so a jitted sampler does not bake it into the program as constants.
       method: "ddpm" (all T steps; `num_steps` must be None or T) or "ddim" (`num_steps`
         defaults to T).
       ddpm_variance: `variance` of `ddpm_sample` (unused by DDIM).
-      mesh: optional 1-D mesh with axis "data": labels and samples are sharded over it along the
-        batch (which must be divisible by the device count), params replicated. Samples do not
-        depend on the number of devices (jax's partitionable threefry draws the same numbers).
       Other arguments: see `ddpm_sample` / `ddim_sample`.
     """
     if method == "ddpm":
@@ -235,7 +233,22 @@ def make_sample_fn(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule,
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
     if guidance_scale != 0.0 and null_label is None:
         raise ValueError("classifier-free guidance (guidance_scale != 0) needs null_label")
+    return sample
 
+
+def jit_sampler(sample: Sampler, params: Any, schedule: diffusion.Schedule, *,
+                mesh: Mesh | None = None) -> SampleFn:
+    """Jits a sampler from `make_sampler` with its parameters and schedule:
+    `sample_fn(key, labels i32[B]) -> f32[B,H,W,C]`.
+
+    Parameters and schedule are passed to the jitted function as arguments (not closed over),
+    so they are not baked into the compiled program as constants.
+
+    Args:
+      mesh: optional 1-D mesh with axis "data": labels and samples are sharded over it along the
+        batch (which must be divisible by the device count), params replicated. Samples do not
+        depend on the number of devices (jax's partitionable threefry draws the same numbers).
+    """
     if mesh is None:
         jitted = jax.jit(sample)
         device_params = jax.device_put(params)
@@ -255,6 +268,13 @@ def make_sample_fn(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule,
         return jitted(device_params, schedule, key, labels)
 
     return sample_fn
+
+
+def make_sample_fn(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, *,
+                   mesh: Mesh | None = None, **settings: Any) -> SampleFn:
+    """`jit_sampler(make_sampler(model_fn, schedule, **settings), params, schedule, mesh=mesh)`:
+    `sample_fn(key, labels i32[B]) -> f32[B,H,W,C]` in [-1, 1]."""
+    return jit_sampler(make_sampler(model_fn, schedule, **settings), params, schedule, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +400,7 @@ def generate_samples(sample_fn: SampleFn, *, out_dir: str | os.PathLike, num_sam
         padded = np.zeros((batch_size,), np.int32)
         padded[:chunk_labels.shape[0]] = chunk_labels
         images = sample_fn(jax.random.fold_in(base_key, chunk), padded)
-        images = to_uint8(np.asarray(images)[:chunk_labels.shape[0]])
+        images = from_model_range(np.asarray(images)[:chunk_labels.shape[0]])
         _write_npz_atomic(path, images=images, labels=chunk_labels)
         generated += 1
         logger.info("wrote %s (%d/%d)", path, chunk + 1, num_chunks)

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from jaxdpdm import parallel, phases, storage
 from jaxdpdm.checkpoint import CHECKPOINT_SUBDIR, CheckpointStore, load_init_params
 from jaxdpdm.config import validate_config
-from jaxdpdm.evaluation.report import archive_earlier_reports
-from jaxdpdm.experiment import build_experiment, count_params, dataset_fingerprint
+from jaxdpdm.dp.report import archive_earlier_reports
+from jaxdpdm.experiment import build_experiment, dataset_fingerprint
 from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
+from jaxdpdm.models import count_params
 from jaxdpdm.evaluation.label_consistency import format_consistency
 from jaxdpdm.monitoring import GridWriter, MetricsLogger, score_label_consistency
 from jaxdpdm.plans import make_plan

@@ -3,6 +3,7 @@
 No data is loaded and no parameter is allocated (parameter counts come from `jax.eval_shape`).
 """
 
+import dataclasses
 import functools
 import pathlib
 import runpy
@@ -11,8 +12,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxdpdm.config import validate_config
+from jaxdpdm import recipes
+from jaxdpdm.config import get_config, validate_config
 from jaxdpdm.experiment import data_spec, timestep_distribution, unet_config
+from jaxdpdm.models import unet
 from jaxdpdm.models.unet import count_parameters
 from jaxdpdm.recipes import parse_arg
 
@@ -223,3 +226,12 @@ def test_config_flags_loads_the_file_with_overrides(name, variant):
         expected.pretrain.num_steps = 0
     assert config.to_dict() == expected.to_dict()
     validate_config(config)
+
+
+def test_paper_unet_is_the_paper_cifar_preset():
+    """One definition of the paper's architecture: the configs take the preset that the
+    benchmarks measure."""
+    config = recipes.paper_unet(get_config())
+    config.data.image_size, config.data.channels = 32, 3
+    built = unet_config(config, num_classes=10)
+    assert built == dataclasses.replace(unet.unet_preset("paper_cifar"), dtype="bfloat16")

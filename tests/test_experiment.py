@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpdm import experiment
+from jaxdpdm import experiment, sampling
 from jaxdpdm.data import DataSpec
 
 
@@ -134,9 +134,28 @@ def test_loss_fn_on_one_example_is_a_finite_scalar(tiny_experiment, tiny_config)
     assert float(values[0]) != float(values[1])
 
 
-def test_count_params():
-    tree = {"a": np.zeros((3, 4)), "b": {"c": np.zeros((5,))}}
-    assert experiment.count_params(tree) == 17
+def test_sampler_follows_config_sample_and_matches_the_generation_path(tiny_experiment,
+                                                                        tiny_config):
+    config = tiny_config()
+    config.sample.ddim_steps, config.sample.guidance_scale = 2, 0.5
+    exp = experiment.build_experiment(config, tiny_experiment.dataset)
+    params = exp.init_params()
+    key, labels = jax.random.key(5), jnp.arange(2, dtype=jnp.int32)
+    # Monitoring jits the pure sampler; --mode=sample binds it with jit_sampler: same images.
+    grid = jax.jit(exp.sampler())(params, exp.schedule, key, labels)
+    generated = sampling.jit_sampler(exp.sampler(), params, exp.schedule)(key, labels)
+    assert grid.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(np.asarray(grid), np.asarray(generated))
+    # DDPM ignores ddim_steps (it runs all T steps) instead of refusing it.
+    config.sample.sampler = "ddpm"
+    assert callable(experiment.build_experiment(config, tiny_experiment.dataset).sampler())
+
+
+def test_sampler_refuses_guidance_for_an_unconditional_model(tiny_config):
+    config = tiny_config()
+    config.model.class_conditional, config.sample.guidance_scale = False, 1.0
+    with pytest.raises(ValueError, match="null_label"):
+        experiment.build_experiment(config, num_classes=10).sampler()
 
 
 # --- data_spec -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdpdm import checkpoint, generate
-from jaxdpdm.evaluation import report
+from jaxdpdm.dp import report
 from jaxdpdm.experiment import build_experiment
 
 
@@ -67,12 +67,15 @@ def test_load_trained_refuses_a_checkpoint_of_another_model(tmp_path, tiny_confi
 # --- sampling an unfinished run, and again after training moved on ----------------------------
 
 @pytest.fixture
-def gray_sampler(monkeypatch):
+def gray_sampler(monkeypatch, tiny_config):
     """Replaces the compiled sampler by one that returns mid-gray images (nothing compiles)."""
-    def make_sample_fn(apply_fn, params, schedule, *, image_shape, **kwargs):
-        return lambda key, labels: np.zeros((len(labels), *image_shape), np.float32)
+    data = tiny_config().data
+    shape = (data.image_size, data.image_size, data.channels)
 
-    monkeypatch.setattr(generate.sampling, "make_sample_fn", make_sample_fn)
+    def jit_sampler(sample, params, schedule, **kwargs):
+        return lambda key, labels: np.zeros((len(labels), *shape), np.float32)
+
+    monkeypatch.setattr(generate.sampling, "jit_sampler", jit_sampler)
 
 
 def _sample_config(tiny_config):

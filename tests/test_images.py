@@ -1,5 +1,7 @@
 """Tests for jaxdpdm/images.py."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,22 +9,34 @@ from PIL import Image
 from jaxdpdm import images
 
 
-def test_uint8_round_trip_is_exact_on_all_levels():
+def test_model_range_endpoints_and_exact_round_trip_on_all_levels():
     levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    back = images.to_uint8(images.from_uint8(levels))
-    np.testing.assert_array_equal(back, levels)
-    assert images.from_uint8(levels).min() == -1.0 and images.from_uint8(levels).max() == 1.0
+    values = images.to_model_range(levels)
+    assert values.dtype == np.float32 and values.shape == levels.shape
+    assert values.min() == -1.0 and values.max() == 1.0
+    assert np.all(np.diff(values.ravel()) > 0)
+    np.testing.assert_array_equal(images.from_model_range(values), levels)
 
 
-def test_to_uint8_rounds_clips_and_handles_nan():
+def test_to_model_range_in_jit_agrees_with_numpy_and_round_trips():
+    levels = np.arange(256, dtype=np.uint8)
+    on_device = jax.jit(images.to_model_range)(jnp.asarray(levels))
+    assert on_device.dtype == jnp.float32
+    # XLA turns the division into a multiplication: at most one float32 ulp apart.
+    np.testing.assert_allclose(np.asarray(on_device), images.to_model_range(levels), rtol=0,
+                               atol=np.finfo(np.float32).eps)
+    np.testing.assert_array_equal(images.from_model_range(on_device), levels)
+
+
+def test_from_model_range_rounds_clips_and_handles_nan():
     x = np.array([-2.0, -1.0, 0.0, 1.0, 3.0, np.nan, -1.0 + 1.4 / 127.5], np.float32)
-    np.testing.assert_array_equal(images.to_uint8(x), [0, 0, 128, 255, 255, 0, 1])
-    assert images.to_uint8(x).dtype == np.uint8
+    np.testing.assert_array_equal(images.from_model_range(x), [0, 0, 128, 255, 255, 0, 1])
+    assert images.from_model_range(x).dtype == np.uint8
 
 
-def test_from_uint8_rejects_floats():
+def test_to_model_range_rejects_floats():
     with pytest.raises(ValueError, match="uint8"):
-        images.from_uint8(np.zeros((2, 2), np.float32))
+        images.to_model_range(np.zeros((2, 2), np.float32))
 
 
 def test_grid_layout():

@@ -1,9 +1,14 @@
-"""Tests of jaxdpdm/__init__.py: the default XLA flags and how the user overrides them."""
+"""Tests of jaxdpdm/__init__.py (the default XLA flags and how the user overrides them) and of the
+package's import graph."""
 
+import ast
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import jaxdpdm
 from jaxdpdm import DEFAULT_XLA_FLAGS, xla_flags_with_defaults
@@ -53,3 +58,49 @@ def test_flags_left_out_on_jaxlib_releases_they_were_not_measured_on():
         metadata.version = lambda name: "99.0.0" if name == "jaxlib" else real(name)
     """
     assert _xla_flags_after(fake_version) == ["False", ""]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """jaxdpdm module -> the jaxdpdm modules it imports anywhere in its text (top level, inside
+    functions, under TYPE_CHECKING): a lazy import hides a cycle from Python, not from readers."""
+    package = pathlib.Path(REPO_ROOT) / "jaxdpdm"
+    files = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}"
+                               in files else node.module for alias in node.names)
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def _modules_on_cycles(graph: dict[str, set[str]]) -> set[str]:
+    """The modules from which an import chain leads back to themselves."""
+    def reachable(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+    return {module for module in graph if module in reachable(module)}
+
+
+def test_import_graph_finds_a_cycle():
+    assert _modules_on_cycles({"a": {"b"}, "b": {"a", "c"}, "c": set()}) == {"a", "b"}
+
+
+@pytest.mark.parametrize("prefix", ["jaxdpdm.data", "jaxdpdm.dp", "jaxdpdm.models",
+                                    "jaxdpdm.evaluation.inception",
+                                    "jaxdpdm.evaluation.convert_inception_weights"])
+def test_no_import_cycle_through(prefix):
+    on_cycles = _modules_on_cycles(_import_graph())
+    assert not {m for m in on_cycles if m == prefix or m.startswith(prefix + ".")}

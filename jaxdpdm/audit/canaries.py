@@ -37,6 +37,7 @@ from etils import epath
 from jaxdpdm import storage
 from jaxdpdm.config import AUDIT_KINDS as KINDS
 from jaxdpdm.dp.clipping import trainable_mask
+from jaxdpdm.models import count_params
 
 PyTree = Any
 CANARY_FILE = "canaries.npz"
@@ -145,9 +146,7 @@ def _place(coordinates: np.ndarray, params_shape: PyTree, mask: PyTree) -> _Plac
 
 
 def num_trainable_coordinates(params_shape: PyTree, trainable: PyTree | str | None) -> int:
-    mask = trainable_mask(params_shape, trainable)
-    return int(sum(int(np.prod(p.shape)) for p, m in
-                   zip(jax.tree.leaves(params_shape), jax.tree.leaves(mask)) if m))
+    return count_params(params_shape, trainable_mask(params_shape, trainable))
 
 
 class ReleaseTapState(NamedTuple):

@@ -23,6 +23,7 @@ from jaxdpdm.audit.canaries import (CANARY_FILE, CanaryInjector, CanarySet, draw
                                     num_trainable_coordinates, released_scores)
 from jaxdpdm.audit.report import VERDICT_KINDS, audit_report, lower_bounds, write_audit_report
 from jaxdpdm.config import validate_config
+from jaxdpdm.images import to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def input_canary_scores(exp, params, images: np.ndarray, labels: np.ndarray, *,
 
     def score(example):
         image, label = example
-        x0 = jnp.broadcast_to(image.astype(jnp.float32) / 127.5 - 1.0, noise.shape)
+        x0 = jnp.broadcast_to(to_model_range(image), noise.shape)
         x_t = diffusion.q_sample(schedule, x0, ts, noise)
         y = jnp.full((num_timesteps,), label, jnp.int32) if conditional else None
         eps = exp.eval_apply(params, x_t, ts, y)

@@ -5,16 +5,16 @@
     print(dataset.summary())
 
 TensorFlow (for "tfds:<name>" datasets) is imported only when such a dataset is loaded; it comes
-with the `tfds` extra (`pip install 'jaxdpdm[tfds]'`).
+with the `tfds` extra (`pip install 'jaxdpdm[tfds]'`). The pixel-range conversions for models
+are `jaxdpdm.images.to_model_range` / `from_model_range`.
 """
 
-from jaxdpdm.data.preprocessing import (convert_channels, filter_classes, from_model_range,
-                                        public_private_indices, resize_images,
-                                        split_public_private, to_model_range)
-from jaxdpdm.data.sources import KNOWN_DATASETS, DataSpec, ImageDataset, load_dataset
+from jaxdpdm.data.dataset import KNOWN_DATASETS, DataSpec, ImageDataset
+from jaxdpdm.data.preprocessing import (convert_channels, filter_classes, public_private_indices,
+                                        resize_images, split_public_private)
+from jaxdpdm.data.sources import load_dataset
 
 __all__ = [
     "KNOWN_DATASETS", "DataSpec", "ImageDataset", "load_dataset", "filter_classes",
-    "split_public_private", "convert_channels", "resize_images", "to_model_range",
-    "from_model_range", "public_private_indices",
+    "split_public_private", "convert_channels", "resize_images", "public_private_indices",
 ]

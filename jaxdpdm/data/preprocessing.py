@@ -1,7 +1,7 @@
-"""Preprocessing: resizing, channel conversion, pixel range, class filtering, splits.
+"""Preprocessing: resizing, channel conversion, class filtering, splits.
 
 Everything here is a pure numpy/PIL function of its arguments. `filter_classes` and
-`split_public_private` take and return `ImageDataset`s (defined in `jaxdpdm.data.sources`);
+`split_public_private` take and return `ImageDataset`s (defined in `jaxdpdm.data.dataset`);
 the rest works on arrays.
 
 Resizing rule (one rule for every source, so the same picture gives the same pixels
@@ -19,13 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-if TYPE_CHECKING:  # sources imports this module, so the class is only named for typing
-    from jaxdpdm.data.sources import ImageDataset
+from jaxdpdm.data.dataset import ImageDataset
 
 # PIL's "L" conversion weights (ITU-R 601-2 luma) in 16-bit fixed point. Using the same
 # integer formula as PIL makes array conversion match `Image.convert("L")` bit for bit.
@@ -94,20 +92,6 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     weights = np.asarray(_LUMA_WEIGHTS_FIXED_POINT, dtype=np.uint32)
     luma = (images.astype(np.uint32) @ weights + 0x8000) >> 16
     return luma.astype(np.uint8)[..., None]
-
-
-def to_model_range(images: np.ndarray) -> np.ndarray:
-    """Maps uint8 pixels {0..255} to float32 in [-1, 1] (what the models see), any shape."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"to_model_range expects uint8 pixels, got dtype {images.dtype}")
-    return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
-
-
-def from_model_range(values: np.ndarray) -> np.ndarray:
-    """Inverse of `to_model_range`: float in [-1, 1] -> uint8, clipped and rounded, any shape."""
-    pixels = (np.asarray(values, dtype=np.float32) + 1.0) * 127.5
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def select_classes(labels: np.ndarray,

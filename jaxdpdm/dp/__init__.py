@@ -5,6 +5,7 @@
   dividing by the expected batch size.
 * `batching`: host-side Poisson selection, fixed-shape padded chunks, per-host slices.
 * `accounting`: epsilon, noise calibration, and a budget-enforcing, serialisable ledger.
+* `report`: the privacy report of a run (JSON and text), recomputed from the ledger.
 """
 
 import importlib

@@ -295,37 +295,6 @@ class PrivacyLedger:
         prefix, done = self._split(sigma, q)
         return self._allowed(prefix, sigma, q, done + steps)
 
-    def remaining_steps(self, noise_multiplier: float, sampling_rate: float, *,
-                        limit: int = 10**7) -> int:
-        """How many more steps at (sigma, q) the budget allows, capped at `limit`.
-
-        Doubles the number of extra steps from 1, then bisects: O(log answer) evaluations, none at
-        step counts beyond twice the answer (PLD evaluations grow with the step count).
-        """
-        sigma, q = _check_sigma(noise_multiplier), _check_rate(sampling_rate)
-        limit = _check_steps(limit)
-        prefix, done = self._split(sigma, q)
-        low, high = 0, None  # extra steps known allowed / known refused
-        extra = 1
-        while extra <= limit:
-            if not self._allowed(prefix, sigma, q, done + extra):
-                high = extra
-                break
-            low, extra = extra, 2 * extra
-        if high is None:
-            return limit if self._allowed(prefix, sigma, q, done + limit) else self._bisect(
-                prefix, sigma, q, done, low, limit)
-        return self._bisect(prefix, sigma, q, done, low, high)
-
-    def _bisect(self, prefix, sigma, q, done, low, high) -> int:
-        while high - low > 1:  # allowed(done + low), refused(done + high)
-            middle = (low + high) // 2
-            if self._allowed(prefix, sigma, q, done + middle):
-                low = middle
-            else:
-                high = middle
-        return low
-
     # -- updates --
 
     def record(self, noise_multiplier: float, sampling_rate: float, steps: int = 1,

@@ -9,17 +9,14 @@ Privacy reasoning:
   rows (`split_into_chunks`). An unusually large draw gives MORE chunks, never a truncated batch:
   dropping examples silently would change the mechanism the accountant accounts for.
 * `shuffled_batch` (fixed-size batches from per-epoch permutations) is a different mechanism. It
-  has a distinct name and `SHUFFLED` sampling tag, and the privacy ledger refuses to account it as
-  Poisson.
+  has a distinct name, and the privacy ledger refuses to account it as Poisson
+  (`PrivacyLedger.record(..., sampling="shuffled")` raises).
 * All randomness is a function of (seed, step), so a resumed run selects the same batches.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-POISSON = "poisson"
-SHUFFLED = "shuffled"
 
 # Distinct entropy words keep the Poisson and the shuffling streams apart for the same seed.
 _POISSON_STREAM = 0x9015

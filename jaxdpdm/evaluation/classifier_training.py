@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdpdm.images import to_model_range
 from jaxdpdm.models.classifiers import CLASSIFIER_NAMES, classifier_for, init_classifier
 
 AUGMENTATIONS = ("none", "mnist", "cifar")
@@ -189,11 +190,6 @@ def augment_images(images: jax.Array, indices: jax.Array, key: jax.Array, *, kin
     return jax.vmap(augment_one)(images, indices)
 
 
-def _to_model_input(images_u8: jax.Array) -> jax.Array:
-    """uint8[..., H, W, C] -> float32 in [-1, 1] (conversion on device: 4x less transfer)."""
-    return images_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled_train_step(model: str, num_classes: int, optimizer: str, augment: str,
                          crop_padding: int):
@@ -209,7 +205,7 @@ def _compiled_train_step(model: str, num_classes: int, optimizer: str, augment: 
     def step(params, opt_state, images_u8, labels, indices, step_key, learning_rate,
              weight_decay):
         augment_key, dropout_key = jax.random.split(step_key)
-        images = augment_images(_to_model_input(images_u8), indices, augment_key,
+        images = augment_images(to_model_range(images_u8), indices, augment_key,
                                 kind=augment, crop_padding=crop_padding)
 
         def loss_fn(p):
@@ -241,7 +237,7 @@ def _compiled_predict(model: str, num_classes: int):
     """Jitted predict(params, images u8[B, H, W, C]) -> i32[B] argmax class (eval mode)."""
     module = classifier_for(model, num_classes)
     return jax.jit(lambda params, images_u8: jnp.argmax(module.apply(
-        {"params": params}, _to_model_input(images_u8), train=False), axis=-1))
+        {"params": params}, to_model_range(images_u8), train=False), axis=-1))
 
 
 def predict(trained: TrainedClassifier, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

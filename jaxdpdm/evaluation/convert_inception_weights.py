@@ -8,7 +8,8 @@ Usage (torch needed for this step only):
 The `.pth` is pytorch-fid's release asset (https://github.com/mseitzer/pytorch-fid/releases,
 tag `fid_weights`); download it on a machine with internet. The `.npz` keeps the state-dict
 names and torch layouts, is validated against `inception.reference_param_shapes()` before it is
-written (atomically), and is what `inception.load_inception_params` reads without torch.
+written (atomically), and is what `inception_weights.load_inception_params` reads without
+torch.
 """
 
 from __future__ import annotations

@@ -16,12 +16,14 @@ scaled to [-1, 1], as pytorch-fid does with `resize_input=True, normalize_input=
 Batch norm always uses the stored running statistics (eps = 1e-3): this is a frozen feature
 extractor, so a feature never depends on the other images in its batch.
 
-Weights: this module loads local files only. `inception_weights.resolve` fetches the standard
-file once into a cache when asked (`eval.download_inception_weights`), verifies its SHA-256 and
-converts it. By hand: get `pt_inception-2015-12-05-6726825d.pth` from pytorch-fid's GitHub
-release assets (https://github.com/mseitzer/pytorch-fid/releases, tag `fid_weights`) on a
-machine with internet, then either pass the `.pth` to `load_inception_params` (needs torch
-installed) or convert it once, so that evaluation needs no torch:
+Weights: this module reads no files and never imports torch; it turns a flat torch-layout
+state dict into Flax variables (`variables_from_flat`). `inception_weights` finds and loads
+the file: `resolve` fetches the standard file once into a cache when asked
+(`eval.download_inception_weights`), verifies its SHA-256 and converts it, and
+`load_inception_params` reads a local `.npz` (or a `.pth`, with torch). By hand: get
+`pt_inception-2015-12-05-6726825d.pth` from pytorch-fid's GitHub release assets
+(https://github.com/mseitzer/pytorch-fid/releases, tag `fid_weights`) on a machine with
+internet, then convert it once, so that evaluation needs no torch:
 
     python -m jaxdpdm.evaluation.convert_inception_weights pt_inception-2015-12-05-6726825d.pth \
         fid_inception.npz
@@ -33,8 +35,6 @@ a file that deviates raises a `ValueError` naming the first missing/unexpected/m
 from __future__ import annotations
 
 import functools
-import os
-import zipfile
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -318,35 +318,6 @@ def flat_from_variables(variables: Mapping) -> dict[str, np.ndarray]:
     return flat
 
 
-def load_inception_params(path: str | os.PathLike) -> dict:
-    """Loads FID Inception weights from a local `.npz` (converted) or `.pth` (needs torch).
-
-    Returns:
-      Flax variables `{"params": ..., "batch_stats": ...}`.
-    Raises:
-      FileNotFoundError if `path` does not exist; ValueError for an unreadable, truncated or
-      wrong file (naming the first offending parameter).
-    """
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Inception weights file {path!r} not found. Download "
-            "pt_inception-2015-12-05-6726825d.pth from https://github.com/mseitzer/pytorch-fid/"
-            "releases, or unset eval.inception_weights and set "
-            "eval.download_inception_weights=True to fetch it on a machine with internet.")
-    if path.endswith((".pth", ".pt")):
-        from jaxdpdm.evaluation import convert_inception_weights  # torch is only needed here
-        flat = convert_inception_weights.load_torch_state_dict(path)
-    else:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                flat = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"cannot read Inception weights {path!r} as .npz ({e}); "
-                             "truncated download or wrong format?") from e
-    return variables_from_flat(flat)
-
-
 # ----------------------------------------------------------------------------------------------
 # Input pipeline and the feature function.
 
@@ -409,7 +380,8 @@ def make_feature_fn(params: Mapping, batch_size: int, *,
     jitted network compiles once per image shape.
 
     Args:
-      params: Flax variables from `load_inception_params` (`params` and `batch_stats`).
+      params: Flax variables from `inception_weights.load_inception_params` (`params` and
+        `batch_stats`).
       batch_size: images per device call; with `mesh`, a multiple of its device count.
       precision: convolution precision (see `InceptionV3`).
       mesh: optional 1-D mesh with axis "data": the batch is sharded over it, weights replicated.

@@ -1,4 +1,5 @@
-"""Where the FID Inception weights come from: a local file, or pytorch-fid's release fetched once.
+"""Where the FID Inception weights come from (a local file, or pytorch-fid's release fetched
+once) and how they are loaded (`load_inception_params`).
 
 With `eval.download_inception_weights=True` (and no `eval.inception_weights`), the first FID
 evaluation on a connected machine downloads pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
@@ -18,8 +19,11 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import zipfile
 
-from jaxdpdm.evaluation import convert_inception_weights
+import numpy as np
+
+from jaxdpdm.evaluation import convert_inception_weights, inception
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,34 @@ def resolve(path: str | None, *, download: bool, cache: str | None = None) -> st
     convert_inception_weights.convert(pth, npz)
     os.remove(pth)
     return npz
+
+
+def load_inception_params(path: str | os.PathLike) -> dict:
+    """Loads FID Inception weights from a local `.npz` (converted) or `.pth` (needs torch).
+
+    Returns:
+      Flax variables `{"params": ..., "batch_stats": ...}` for `inception.make_feature_fn`.
+    Raises:
+      FileNotFoundError if `path` does not exist; ValueError for an unreadable, truncated or
+      wrong file (naming the first offending parameter).
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Inception weights file {path!r} not found. Download "
+            "pt_inception-2015-12-05-6726825d.pth from https://github.com/mseitzer/pytorch-fid/"
+            "releases, or unset eval.inception_weights and set "
+            "eval.download_inception_weights=True to fetch it on a machine with internet.")
+    if path.endswith((".pth", ".pt")):
+        flat = convert_inception_weights.load_torch_state_dict(path)  # imports torch
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                flat = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"cannot read Inception weights {path!r} as .npz ({e}); "
+                             "truncated download or wrong format?") from e
+    return inception.variables_from_flat(flat)
 
 
 def fetch(url: str, dest: str, sha256: str, *, timeout: float = 60.0) -> None:

@@ -52,7 +52,7 @@ from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
 from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception,
                                 inception_weights, label_consistency)
 from jaxdpdm import storage
-from jaxdpdm.evaluation.report import PRIVACY_JSON
+from jaxdpdm.dp.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
 
 EVAL_SUBDIR = "eval"
@@ -89,7 +89,7 @@ def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
 
     `weights`: the Inception weights file (default `config.eval.inception_weights`).
     """
-    params = inception.load_inception_params(weights or config.eval.inception_weights)
+    params = inception_weights.load_inception_params(weights or config.eval.inception_weights)
     batch = config.eval.fid_batch_size
     features = inception.make_feature_fn(params, batch)
     cache = os.path.join(cache_dir, f"fid_stats_{real_name}.npz")

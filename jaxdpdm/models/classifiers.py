@@ -27,7 +27,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxdpdm.models import count_params
 
 CLASSIFIER_NAMES = ("cnn", "wrn16_4")
 
@@ -170,7 +171,5 @@ def count_parameters(module: nn.Module, image_shape: tuple[int, int, int]) -> in
 
     Nothing is allocated: only the shapes of the initial params are traced.
     """
-    shapes = jax.eval_shape(
-        lambda key: init_classifier(module, key, image_shape), jax.random.key(0)
-    )
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+    return count_params(jax.eval_shape(lambda key: init_classifier(module, key, image_shape),
+                                       jax.random.key(0)))

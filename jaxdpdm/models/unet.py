@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdpdm.models import count_params
 from jaxdpdm.models.layers import (
     CONV_IMPLS,
     AttentionBlock,
@@ -295,8 +296,7 @@ def init_params(config: UNetConfig, key: jax.Array) -> dict:
 def count_parameters(config: UNetConfig) -> int:
     """Number of parameters of `UNet(config)`, from shapes only (`jax.eval_shape`): nothing
     is allocated, so this is cheap even for the 80M-parameter model."""
-    shapes = jax.eval_shape(init_params, config, jax.random.key(0))
-    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(shapes)))
+    return count_params(jax.eval_shape(init_params, config, jax.random.key(0)))
 
 
 def make_apply_fn(config: UNetConfig, *, train: bool) -> Callable[..., jax.Array]:
@@ -343,20 +343,22 @@ _PRESETS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
         ),
         (2,),
     ),
+    # The paper's architecture (Ghalebikesabi et al., 2023). `# paper (appendix)`: from the
+    # tracker's summary of the paper's appendix; `# ours`: our choice.
     "paper_cifar": (
         dict(
             image_size=32,
             in_channels=3,
-            base_channels=192,
-            channel_mult=(1, 2, 2, 2),
-            num_res_blocks=2,
-            num_heads=4,
-            dropout=0.1,
+            base_channels=192,  # paper (appendix)
+            channel_mult=(1, 2, 2, 2),  # paper (appendix)
+            num_res_blocks=2,  # ours
+            num_heads=4,  # ours
+            dropout=0.1,  # ours
             num_classes=10,
-            resblock_updown=False,
-            conv_resample=True,
+            resblock_updown=False,  # ours
+            conv_resample=True,  # ours
         ),
-        (1, 2),
+        (1, 2),  # attention at 16x16 and 8x8: paper (appendix)
     ),
 }
 PRESET_NAMES = tuple(_PRESETS)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from jaxdpdm.data import preprocessing
-from jaxdpdm.data.sources import ImageDataset
+from jaxdpdm.data.dataset import ImageDataset
 
 
 def _random_images(seed, shape):
@@ -58,19 +58,6 @@ def test_rgb_to_gray_matches_pil_luma():
 def test_image_functions_reject_bad_batches(bad):
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]|channels"):
         preprocessing.convert_channels(bad, 3)
-
-
-def test_model_range_endpoints_and_round_trip():
-    pixels = np.arange(256, dtype=np.uint8)
-    values = preprocessing.to_model_range(pixels)
-    assert values.dtype == np.float32
-    assert values[0] == -1.0 and values[-1] == 1.0
-    assert np.all(np.diff(values) > 0)
-    np.testing.assert_array_equal(preprocessing.from_model_range(values), pixels)
-    np.testing.assert_array_equal(preprocessing.from_model_range(np.array([-3.0, 3.0])),
-                                  [0, 255])
-    with pytest.raises(ValueError, match="uint8"):
-        preprocessing.to_model_range(np.zeros(3, np.float32))
 
 
 @pytest.mark.parametrize("seed", range(3))

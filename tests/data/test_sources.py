@@ -1,4 +1,4 @@
-"""Tests for jaxdpdm/data/sources.py: DataSpec, ImageDataset, and every source."""
+"""Tests for jaxdpdm/data/dataset.py and sources.py: DataSpec, ImageDataset, and every source."""
 
 import pathlib
 import sys
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxdpdm.data import idx, sources
-from jaxdpdm.data.sources import DataSpec, load_dataset
+from jaxdpdm.data.dataset import DataSpec
+from jaxdpdm.data.sources import load_dataset
 
 
 def spec(**overrides):
@@ -105,13 +106,10 @@ def test_public_and_private_subsets_are_disjoint_and_cover_the_data():
     assert len(private_two) == np.sum(np.isin(parts["private"].labels, (3, 5)))
 
 
-def test_max_examples_and_batch_format():
+def test_max_examples_keeps_the_first_examples():
     dataset = load_dataset(spec(max_examples=10))
     assert len(dataset) == 10
-    batch = dataset.batch(np.array([3, 0, 3]))
-    assert batch["image"].shape == (3, 8, 8, 1) and batch["image"].dtype == np.float32
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-    assert batch["label"].dtype == np.int32 and list(batch["index"]) == [3, 0, 3]
+    np.testing.assert_array_equal(dataset.images, load_dataset(spec()).images[:10])
 
 
 def test_summary_mentions_source_size_shape_range_classes():

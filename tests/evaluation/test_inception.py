@@ -1,4 +1,5 @@
-"""Tests for jaxdpdm/evaluation/inception.py and convert_inception_weights.py.
+"""Tests for jaxdpdm/evaluation/inception.py, convert_inception_weights.py and the loader in
+inception_weights.py.
 
 No real weights exist offline: the layout is checked against the documented parameter count
 and (when installed) pytorch-fid's own module, and the numerics against pytorch-fid's network
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpdm.evaluation import convert_inception_weights, inception
+from jaxdpdm.evaluation import convert_inception_weights, inception, inception_weights
 
 # torchvision documents inception_v3 with 27,161,264 parameters; minus its 1000-way fc
 # (2048*1000 + 1000) and the auxiliary classifier (3,326,696) leaves the pool3 trunk, which
@@ -92,9 +93,9 @@ def test_wrong_weights_name_the_first_bad_parameter(random_flat, tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(ValueError, match="truncated"):
-        inception.load_inception_params(path)
+        inception_weights.load_inception_params(path)
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
-        inception.load_inception_params(tmp_path / "absent.npz")
+        inception_weights.load_inception_params(tmp_path / "absent.npz")
 
 
 def test_preprocessing_replicates_grayscale_and_scales_to_unit_range():
@@ -132,11 +133,12 @@ def test_features_match_pytorch_fid_with_random_weights(random_flat, tmp_path, m
         expected = reference_net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0]
     expected = expected[:, :, 0, 0].numpy()
 
-    # The converter path: .pth -> CLI -> .npz -> load_inception_params.
+    # The converter path: .pth -> CLI -> .npz -> inception_weights.load_inception_params.
     pth, npz = tmp_path / "weights.pth", tmp_path / "weights.npz"
     torch.save(state_dict, pth)
     assert convert_inception_weights.main([str(pth), str(npz)]) == 0
-    feature_fn = inception.make_feature_fn(inception.load_inception_params(npz), batch_size=2)
+    params = inception_weights.load_inception_params(npz)
+    feature_fn = inception.make_feature_fn(params, batch_size=2)
     ours = feature_fn(images)
     assert ours.shape == (2, inception.FEATURE_DIM) and ours.dtype == np.float32
     scale = np.abs(expected).max()
@@ -151,7 +153,7 @@ def test_pth_loading_equals_npz_loading(random_flat, tmp_path):
     torch = pytest.importorskip("torch")
     pth = tmp_path / "w.pth"
     torch.save({k: torch.from_numpy(v) for k, v in random_flat.items()}, pth)
-    from_pth = inception.flat_from_variables(inception.load_inception_params(pth))
+    from_pth = inception.flat_from_variables(inception_weights.load_inception_params(pth))
     for name, value in from_pth.items():
         np.testing.assert_array_equal(value, random_flat[name])
 
@@ -161,4 +163,4 @@ def test_a_pth_without_torch_is_a_one_line_value_error(tmp_path, monkeypatch):
     garbage.write_bytes(b"not a torch archive")
     monkeypatch.setitem(sys.modules, "torch", None)  # the import fails, as where torch is absent
     with pytest.raises(ValueError, match=r"needs torch.*pip install torch.*convert"):
-        inception.load_inception_params(garbage)
+        inception_weights.load_inception_params(garbage)

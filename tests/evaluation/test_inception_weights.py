@@ -69,7 +69,7 @@ def test_first_use_downloads_verifies_and_converts_once(tmp_path, monkeypatch):
     npz = inception_weights.resolve(None, download=True, cache=str(cache))
     assert npz == str(cache / inception_weights.NPZ_NAME)
     assert sorted(p.name for p in cache.iterdir()) == [inception_weights.NPZ_NAME]  # .pth gone
-    loaded = inception.flat_from_variables(inception.load_inception_params(npz))
+    loaded = inception.flat_from_variables(inception_weights.load_inception_params(npz))
     for name, value in loaded.items():
         np.testing.assert_array_equal(value, flat[name])
 

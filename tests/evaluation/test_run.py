@@ -1,8 +1,9 @@
 """`--mode=evaluate` pieces: the summary text, and FID with a stand-in feature network.
 
 No Inception weights exist on this machine, so `compute_fid` is run with
-`inception.load_inception_params` / `make_feature_fn` replaced by a fixed random projection of
-the pixels: that checks the plumbing (batching, statistics, caching), not the network.
+`inception_weights.load_inception_params` / `inception.make_feature_fn` replaced by a fixed
+random projection of the pixels: that checks the plumbing (batching, statistics, caching), not
+the network.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ from PIL import Image
 from jaxdpdm.config import get_config
 from jaxdpdm.data import DataSpec, load_dataset
 from jaxdpdm.data.preprocessing import public_private_indices
-from jaxdpdm.evaluation import fid, inception
+from jaxdpdm.evaluation import fid, inception, inception_weights
 from jaxdpdm.evaluation import run as run_lib
 from jaxdpdm.evaluation.classifier_training import RECIPES, TrainConfig
 from jaxdpdm.experiment import data_spec
@@ -92,7 +93,7 @@ def stand_in_inception(monkeypatch):
         made.append(ProjectionFeatures(batch_size, num_pixels=8 * 8))
         return made[-1]
 
-    monkeypatch.setattr(inception, "load_inception_params", load_params)
+    monkeypatch.setattr(inception_weights, "load_inception_params", load_params)
     monkeypatch.setattr(inception, "make_feature_fn", make_feature_fn)
     return made
 

@@ -1,6 +1,9 @@
-"""Reports a user can keep: the privacy report of a DP run, and the evaluation summary.
+"""The privacy report of a DP run, written beside its checkpoints from the ledger.
 
 `privacy_report.json` is the machine-readable record; `privacy_report.txt` says the same in words.
+The guarantee is recomputed from the `accounting.PrivacyLedger`; the release traces of a workdir
+(`release_traces`, `archive_earlier_reports`) let a restarted run report what was released
+before it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 
 from jaxdpdm.config import get_config
 from jaxdpdm.dp.accounting import PrivacyLedger
-from jaxdpdm.evaluation import report as report_lib
+from jaxdpdm.dp import report as report_lib
 
 NUM_EXAMPLES = 1000
 
