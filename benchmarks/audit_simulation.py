@@ -36,15 +36,22 @@ def main():
         included = rng.random(args.canaries) < 0.5
         drawn = (rng.random((args.canaries, args.steps)) < q) & included[:, None]
         x = drawn + sigma * rng.normal(size=drawn.shape)
-        scores = {"gradient": np.logaddexp(np.log1p(-q), np.log(q) + (x - 0.5) / sigma**2).sum(1),
-                  "gradient_sum": x.sum(1)}
+        scores = {
+            "gradient": np.logaddexp(np.log1p(-q),
+                                     np.log(q) + (x - 0.5) / sigma**2).sum(1),
+            "gradient_sum": x.sum(1)
+        }
         for kind, score in scores.items():
-            results[kind].append(lower_bounds(score, included, delta=args.delta,
-                                              confidence=args.confidence))
-    summary = {kind: {k: [round(float(f([r[k] for r in rs])), 3)
-                          for f in (np.min, np.median, np.max)]
-                      for k in ("epsilon_lower_bound", "epsilon_lower_bound_fdp", "auroc")}
-               for kind, rs in results.items()}
+            results[kind].append(
+                lower_bounds(score, included, delta=args.delta, confidence=args.confidence))
+    summary = {
+        kind: {
+            k: [round(float(f([r[k]
+                               for r in rs])), 3)
+                for f in (np.min, np.median, np.max)]
+            for k in ("epsilon_lower_bound", "epsilon_lower_bound_fdp", "auroc")
+        } for kind, rs in results.items()
+    }
     print(json.dumps({"args": vars(args), "min_median_max_over_repeats": summary}))
 
 

@@ -62,7 +62,7 @@ from jaxdpdm.dp import dp_aggregate, per_example_keys  # noqa: E402
 from jaxdpdm.models import count_params, unet  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MIB = 2 ** 20
+MIB = 2**20
 # Fixed DP hyperparameters: timing does not depend on their values, only on the code path.
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -90,10 +90,10 @@ def make_loss_fn(config: unet.UNetConfig, augmult: int):
     conditional = config.num_classes is not None
 
     def loss_fn(params, example, rng):
-        return diffusion.per_example_loss(
-            apply_fn, params, example, rng, schedule=schedule, timestep_dist=timesteps,
-            augmult=augmult, label_dropout=0.1 if conditional else 0.0,
-            null_label=config.num_classes)
+        return diffusion.per_example_loss(apply_fn, params, example, rng, schedule=schedule,
+                                          timestep_dist=timesteps, augmult=augmult,
+                                          label_dropout=0.1 if conditional else 0.0,
+                                          null_label=config.num_classes)
 
     return loss_fn
 
@@ -105,9 +105,11 @@ def synthetic_batch(config: unet.UNetConfig, rows: int, seed: int = 0) -> dict[s
     """
     rng = np.random.default_rng(seed)
     shape = (rows, config.image_size, config.image_size, config.in_channels)
-    return {"image": rng.uniform(-1.0, 1.0, shape).astype(np.float32),
-            "label": rng.integers(0, config.num_classes or 1, rows).astype(np.int32),
-            "index": np.arange(rows, dtype=np.int32)}
+    return {
+        "image": rng.uniform(-1.0, 1.0, shape).astype(np.float32),
+        "label": rng.integers(0, config.num_classes or 1,
+                              rows).astype(np.int32), "index": np.arange(rows, dtype=np.int32)
+    }
 
 
 def make_nonprivate_accumulate(loss_fn):
@@ -117,6 +119,7 @@ def make_nonprivate_accumulate(loss_fn):
     microbatch and adds the results as the DP step does. Per-example keys are the DP step's (by
     "index").
     """
+
     def accumulate(params, batch, step_key):
         keys = per_example_keys(step_key, batch, batch["index"].shape[0])
 
@@ -145,8 +148,8 @@ def compiled_footprint(compiled) -> int | None:
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+               m.alias_size_in_bytes)
 
 
 # Adds two gradient sums on the device, as `DPStep` adds its chunks' sums.
@@ -169,14 +172,14 @@ _UPDATE_PROGRAMS: dict[tuple, tuple[Any, Any, float]] = {}
 @dataclasses.dataclass
 class Measurement:
     """Timing and memory of one step. Times in seconds; `times` are the timed repeats."""
-    kind: str                 # "nonprivate" | "dp"
+    kind: str  # "nonprivate" | "dp"
     dtype: str
-    batch: int                # rows of the logical batch (chunks x chunk rows)
+    batch: int  # rows of the logical batch (chunks x chunk rows)
     chunks: int
     microbatch: int
     augmult: int
-    compile_s: float          # trace + compile of what this measurement had to build (else 0)
-    warmup_s: float           # first call after compiling (allocations, GPU autotuning)
+    compile_s: float  # trace + compile of what this measurement had to build (else 0)
+    warmup_s: float  # first call after compiling (allocations, GPU autotuning)
     median_s: float
     times: list[float]
     xla_mib: float | None
@@ -221,15 +224,17 @@ class Bench:
         rows = len(mask)
         if rows % microbatch:
             raise ValueError(f"{rows} rows are not a multiple of microbatch {microbatch}")
-        return [parallel.shard_batch(({k: v[i:i + microbatch] for k, v in batch.items()},
-                                      mask[i:i + microbatch]), self.mesh)
-                for i in range(0, rows, microbatch)]
+        return [
+            parallel.shard_batch(({k: v[i:i + microbatch]
+                                   for k, v in batch.items()}, mask[i:i + microbatch]), self.mesh)
+            for i in range(0, rows, microbatch)
+        ]
 
     def microbatches(self, microbatch: int) -> list:
         """The synthetic chunk as device-resident microbatches (cached), all rows real."""
         if microbatch not in self._microbatches:
-            self._microbatches[microbatch] = self.split(
-                self.host_batch, np.ones(self.chunk_rows, bool), microbatch)
+            self._microbatches[microbatch] = self.split(self.host_batch,
+                                                        np.ones(self.chunk_rows, bool), microbatch)
         return self._microbatches[microbatch]
 
     def _optimizer(self, kind: str):
@@ -237,8 +242,9 @@ class Bench:
         if kind == "nonprivate":
             return adam
         # The normaliser is a constant of the update, not of its cost: one chunk's rows.
-        return optax.chain(dp_aggregate(clip_norm=self.clip_norm, noise_multiplier=NOISE_MULTIPLIER,
-                                        expected_batch_size=self.chunk_rows, seed=0), adam)
+        return optax.chain(
+            dp_aggregate(clip_norm=self.clip_norm, noise_multiplier=NOISE_MULTIPLIER,
+                         expected_batch_size=self.chunk_rows, seed=0), adam)
 
     def has_program(self, kind: str, microbatch: int) -> bool:
         return (kind, microbatch) in self._programs
@@ -291,11 +297,13 @@ class Bench:
                                          microbatch_size=self.chunk_rows, mesh=self.mesh)
             compiled = step.apply.lower(self.params, opt_state, grad_sum).compile()
         else:
+
             @jax.jit
             def apply(params, state, grads_summed, rows):
                 grads = jax.tree.map(lambda g: g / rows, grads_summed)
                 updates, state = optimizer.update(grads, state, params)
                 return optax.apply_updates(params, updates), state
+
             compiled = apply.lower(self.params, opt_state, grad_sum, 1.0).compile()
         _UPDATE_PROGRAMS[key] = (compiled, opt_state, time.perf_counter() - start)
         return _UPDATE_PROGRAMS[key]
@@ -303,8 +311,8 @@ class Bench:
     def dp_step(self, microbatch: int, update=None) -> parallel.DPStep:
         """The library's `DPStep` around this Bench's compiled DP programs. `update` None: no
         update is compiled, and only `DPStep.grad_sum` may be called."""
-        return parallel.DPStep(accumulate=self.program("dp", microbatch).accumulate,
-                               apply=update, mesh=self.mesh)
+        return parallel.DPStep(accumulate=self.program("dp", microbatch).accumulate, apply=update,
+                               mesh=self.mesh)
 
     def grad_sum(self, kind: str, microbatch: int, params, chunks: list, step_key):
         """The gradient sum of `chunks` (from `split`) as a training step computes it, one
@@ -333,8 +341,8 @@ class Bench:
         self.program(kind, microbatch)
         had_update = len(_UPDATE_PROGRAMS)
         update, opt_state, update_s = self.update_program(kind)
-        compile_s = (0.0 if built else self.program(kind, microbatch).compile_s) + (
-            update_s if len(_UPDATE_PROGRAMS) > had_update else 0.0)
+        compile_s = (0.0 if built else self.program(
+            kind, microbatch).compile_s) + (update_s if len(_UPDATE_PROGRAMS) > had_update else 0.0)
         parts = self.microbatches(microbatch) * chunks
         rows = float(chunks * self.chunk_rows)
         dp_step = self.dp_step(microbatch, update) if kind == "dp" else None
@@ -390,13 +398,15 @@ def compare(bench: Bench, microbatches: list[int], *, nonprivate_microbatch: int
     rows = []
     for m in sorted(microbatches):
         dp = bench.measure("dp", m, repeats=repeats, chunks=chunks)
-        rows.append({**dataclasses.asdict(dp),
-                     "ratio": dp.median_s / baseline.median_s,
-                     "ms_per_example": dp.ms_per_example,
-                     "extra_ms_per_example": dp.ms_per_example - baseline.ms_per_example})
-    return {"nonprivate": {**dataclasses.asdict(baseline),
-                           "ms_per_example": baseline.ms_per_example},
-            "dp": rows}
+        rows.append({
+            **dataclasses.asdict(dp), "ratio": dp.median_s / baseline.median_s,
+            "ms_per_example": dp.ms_per_example,
+            "extra_ms_per_example": dp.ms_per_example - baseline.ms_per_example
+        })
+    return {
+        "nonprivate": {**dataclasses.asdict(baseline), "ms_per_example": baseline.ms_per_example},
+        "dp": rows
+    }
 
 
 def _fmt(value, spec: str) -> str:
@@ -421,10 +431,12 @@ def format_table(result: dict[str, Any]) -> str:
 def environment() -> dict[str, Any]:
     """Where the numbers come from: versions, device, date, host load."""
     device = jax.devices()[0]
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "jax": jax.__version__, "python": platform.python_version(),
-           "backend": jax.default_backend(), "device": str(getattr(device, "device_kind", device)),
-           "num_devices": jax.device_count(), "cpu_count": os.cpu_count()}
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__, "python": platform.python_version(),
+        "backend": jax.default_backend(), "device": str(getattr(device, "device_kind", device)),
+        "num_devices": jax.device_count(), "cpu_count": os.cpu_count()
+    }
     if hasattr(os, "getloadavg"):
         env["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return env
@@ -484,9 +496,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = Bench(config, augmult=args.augmult, chunk_rows=args.batch)
     result = compare(bench, args.microbatch, nonprivate_microbatch=args.nonprivate_microbatch,
                      repeats=args.repeats, chunks=args.chunks)
-    result = {"benchmark": "dp_step", "argv": sys.argv[1:] if argv is None else list(argv),
-              "preset": args.preset, "image_size": config.image_size,
-              "num_params": bench.num_params, "environment": environment(), **result}
+    result = {
+        "benchmark": "dp_step", "argv": sys.argv[1:] if argv is None else list(argv),
+        "preset": args.preset, "image_size": config.image_size, "num_params": bench.num_params,
+        "environment": environment(), **result
+    }
     print(f"{args.preset} {config.image_size}x{config.image_size}, {bench.num_params:,} params, "
           f"K={args.augmult}, {args.repeats} repeats, median; ratio = DP / non-private")
     print(format_table(result))

@@ -102,8 +102,8 @@ class StepItem:
     chunks: int
     microbatches: tuple[int, ...]
     nonprivate_microbatch: int
-    augmult: int | None = None   # K; None: the plan's
-    conv_impl: str = "xla"       # UNetConfig.conv_impl
+    augmult: int | None = None  # K; None: the plan's
+    conv_impl: str = "xla"  # UNetConfig.conv_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Plan:
     augmult: int
     repeats: int
     items: tuple[StepItem | SampleItem, ...]
-    accounting: tuple[int, int, float, int]   # num examples, expected batch, sigma, steps
+    accounting: tuple[int, int, float, int]  # num examples, expected batch, sigma, steps
     budget_s: float
 
 
@@ -133,38 +133,38 @@ class Plan:
 # bfloat16 programs, float32 compiles anew) runs only on a faster-compiling setup.
 FULL = Plan(
     invariants=("cpu_small", 16, 8, 4), augmult=4, repeats=3,
-    items=(SampleItem("paper_cifar", 32, "bfloat16", 256, 100),
-           StepItem("paper_cifar", 32, "bfloat16", 256, 1, (64, 128), 128),
-           StepItem("paper_cifar", 32, "bfloat16", 256, 4, (64,), 128),
-           StepItem("paper_cifar", 32, "float32", 256, 1, (64,), 64),
-           SampleItem("paper_cifar", 32, "float32", 256, 100)),
+    items=(SampleItem("paper_cifar", 32, "bfloat16", 256,
+                      100), StepItem("paper_cifar", 32, "bfloat16", 256, 1, (64, 128), 128),
+           StepItem("paper_cifar", 32, "bfloat16", 256, 4, (64,),
+                    128), StepItem("paper_cifar", 32, "float32", 256, 1, (64,),
+                                   64), SampleItem("paper_cifar", 32, "float32", 256, 100)),
     accounting=(50_000, 1024, 1.0, 1000), budget_s=360.0)
 # Smoke: the same sections and item kinds, at the fewest compiles (XLA:CPU compiles of the UNet
 # dominate): the float32 items share the invariants' Bench and programs; bfloat16 runs in the
 # sampler only (the step code does not depend on the dtype, the model does).
 SMOKE = Plan(
     invariants=("tiny", 8, 4, 2), augmult=2, repeats=1,
-    items=(SampleItem("tiny", 8, "bfloat16", 4, 5),
-           StepItem("tiny", 8, "float32", 4, 1, (2,), 2),
-           StepItem("tiny", 8, "float32", 4, 2, (2,), 2)),
-    accounting=(1_000, 50, 1.0, 10), budget_s=300.0)
+    items=(SampleItem("tiny", 8, "bfloat16", 4, 5), StepItem("tiny", 8, "float32", 4, 1, (2,), 2),
+           StepItem("tiny", 8, "float32", 4, 2, (2,),
+                    2)), accounting=(1_000, 50, 1.0, 10), budget_s=300.0)
 
 
 def _conv_items(preset, size, dtype, chunk, settings):
     """Step items comparing the conv implementations at each (K, DP microbatch) in settings."""
-    return tuple(StepItem(preset, size, dtype, chunk, 1, (micro,), micro, augmult=k,
-                          conv_impl=impl)
-                 for k, micro in settings for impl in ("xla", "patch_matmul"))
+    return tuple(
+        StepItem(preset, size, dtype, chunk, 1, (micro,), micro, augmult=k, conv_impl=impl)
+        for k, micro in settings
+        for impl in ("xla", "patch_matmul"))
 
 
 # --conv: about 90 s of compile per 89M program on the H200 (section 3 of RESULTS.md), 2 per
 # item, so K = 4 (4 programs) fits in ~7 minutes and K = 32 needs ~6 more: give it --budget-s.
-CONV = Plan(invariants=None, augmult=4, repeats=3,
-            items=_conv_items("paper_cifar", 32, "bfloat16", 64, ((4, 64), (32, 8))),
+CONV = Plan(invariants=None, augmult=4, repeats=3, items=_conv_items("paper_cifar", 32, "bfloat16",
+                                                                     64, ((4, 64), (32, 8))),
             accounting=None, budget_s=420.0)
 CONV_SMOKE = Plan(invariants=None, augmult=2, repeats=1,
-                  items=_conv_items("tiny", 8, "float32", 4, ((2, 4), (4, 2))),
-                  accounting=None, budget_s=300.0)
+                  items=_conv_items("tiny", 8, "float32", 4,
+                                    ((2, 4), (4, 2))), accounting=None, budget_s=300.0)
 
 
 @dataclasses.dataclass
@@ -197,14 +197,16 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     # gradients exactly zero and the clipping checks nearly vacuous. Drawn on the host (numpy) to
     # avoid compiling one random kernel per parameter shape.
     rng = np.random.default_rng(7)
-    params = jax.device_put(jax.tree.map(
-        lambda x: np.asarray(x) + 0.02 * rng.standard_normal(x.shape).astype(np.float32),
-        bench.params))
+    params = jax.device_put(
+        jax.tree.map(
+            lambda x: np.asarray(x) + 0.02 * rng.standard_normal(x.shape).astype(np.float32),
+            bench.params))
 
     # 1. sigma = 0 and C = inf: the DP step's update is exactly minus the mean gradient. The
     # update is applied to zero parameters so that it comes back exactly (p - u would lose bits).
-    inf_optimizer = optax.chain(dp_aggregate(clip_norm=math.inf, noise_multiplier=0.0,
-                                             expected_batch_size=rows, seed=0), optax.sgd(1.0))
+    inf_optimizer = optax.chain(
+        dp_aggregate(clip_norm=math.inf, noise_multiplier=0.0, expected_batch_size=rows, seed=0),
+        optax.sgd(1.0))
     # Every sum below is computed as training computes it: one compiled call per microbatch.
     inf_step = parallel.make_dp_step(loss_fn, inf_optimizer, clip_norm=math.inf,
                                      microbatch_size=microbatch, mesh=bench.mesh)
@@ -214,8 +216,9 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     nonprivate_sum = bench.grad_sum("nonprivate", microbatch, params,
                                     bench.microbatches(microbatch), key)
     err = _rel(-_flat(minus_mean), _flat(nonprivate_sum) / rows)
-    checks.append(Check("sigma0_Cinf_equals_mean_grad", err <= 1e-4, err, 1e-4,
-                        "relative L2 error, DP step update vs batched mean gradient"))
+    checks.append(
+        Check("sigma0_Cinf_equals_mean_grad", err <= 1e-4, err, 1e-4,
+              "relative L2 error, DP step update vs batched mean gradient"))
 
     # 2. Clipping at C = median pre-clip norm: half the examples clipped, half passed through.
     # The Bench's own DP program is compiled at this C (a later timing of it is unaffected), so
@@ -232,19 +235,23 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     per_example = [_flat(clipped_sum(host, np.eye(rows, dtype=bool)[i])[0]) for i in range(rows)]
     clipped_norms = np.array([np.linalg.norm(g) for g in per_example])
     worst = float(np.max(clipped_norms / clip_norm))
-    checks.append(Check("clipped_norm_le_C", worst <= 1 + 1e-5, worst, 1 + 1e-5,
-                        f"max per-example ||clip(g)|| / C over {rows} examples, C={clip_norm:.4g}"))
+    checks.append(
+        Check("clipped_norm_le_C", worst <= 1 + 1e-5, worst, 1 + 1e-5,
+              f"max per-example ||clip(g)|| / C over {rows} examples, C={clip_norm:.4g}"))
     small = norms <= clip_norm
     passthrough = float(np.max(np.abs(clipped_norms[small] - norms[small]) / norms[small]))
-    checks.append(Check("unclipped_passed_through", passthrough <= 1e-4, passthrough, 1e-4,
-                        "relative norm change of examples with norm <= C"))
+    checks.append(
+        Check("unclipped_passed_through", passthrough <= 1e-4, passthrough, 1e-4,
+              "relative norm change of examples with norm <= C"))
     full_sum, full_stats = clipped_sum(host, np.ones(rows, bool))
     count_ok = int(full_stats.num_clipped) == int(np.sum(~small))
-    checks.append(Check("num_clipped_counts", count_ok, float(full_stats.num_clipped),
-                        float(np.sum(~small)), "examples with norm > C"))
+    checks.append(
+        Check("num_clipped_counts", count_ok, float(full_stats.num_clipped), float(np.sum(~small)),
+              "examples with norm > C"))
     linear = _rel(_flat(full_sum), np.sum(per_example, axis=0))
-    checks.append(Check("sum_of_per_example_terms", linear <= 1e-5, linear, 1e-5,
-                        "batch sum vs sum of one-example sums (no cross-example terms)"))
+    checks.append(
+        Check("sum_of_per_example_terms", linear <= 1e-5, linear, 1e-5,
+              "batch sum vs sum of one-example sums (no cross-example terms)"))
 
     # 3. Padding: the last 3 rows are padding, filled with NaN images or with other images.
     real = rows - 3
@@ -257,32 +264,34 @@ def check_invariants(bench: dp_step.Bench, microbatch: int) -> list[Check]:
     other_sum, _ = clipped_sum(other_batch, mask)
     nan_sum, other_sum = _flat(nan_sum), _flat(other_sum)
     pad_err = max(_rel(nan_sum, other_sum), _rel(nan_sum, np.sum(per_example[:real], axis=0)))
-    pad_clean = (bool(np.all(np.isfinite(nan_sum)))
-                 and float(np.max(np.abs(np.asarray(nan_stats.norms)[real:]))) == 0.0
-                 and int(nan_stats.num_nonfinite) == 0)
-    checks.append(Check("padding_contributes_zero", pad_err <= 1e-5 and pad_clean, pad_err, 1e-5,
-                        "NaN or other padding vs the real rows' own sum; padding norms 0"))
+    pad_clean = (bool(np.all(np.isfinite(nan_sum))) and
+                 float(np.max(np.abs(np.asarray(nan_stats.norms)[real:]))) == 0.0 and
+                 int(nan_stats.num_nonfinite) == 0)
+    checks.append(
+        Check("padding_contributes_zero", pad_err <= 1e-5 and pad_clean, pad_err, 1e-5,
+              "NaN or other padding vs the real rows' own sum; padding norms 0"))
 
     # 4. A non-finite real example is zeroed and counted, not allowed to poison the sum.
     bad_batch = {k: v.copy() for k, v in host.items()}
     bad_batch["image"][0] = np.nan
     bad_sum, bad_stats = clipped_sum(bad_batch, np.ones(rows, bool))
     bad_err = _rel(_flat(bad_sum), np.sum(per_example[1:], axis=0))
-    checks.append(Check("nonfinite_example_zeroed", bad_err <= 1e-5
-                        and int(bad_stats.num_nonfinite) == 1, bad_err, 1e-5,
-                        "sum with a NaN example vs the others' sum; counted once"))
+    checks.append(
+        Check("nonfinite_example_zeroed", bad_err <= 1e-5 and int(bad_stats.num_nonfinite) == 1,
+              bad_err, 1e-5, "sum with a NaN example vs the others' sum; counted once"))
 
     checks.extend(check_noise())
-    checks.append(Check("no_tensorflow_imported", "tensorflow" not in sys.modules,
-                        float("tensorflow" in sys.modules), 0.0, "the GPU path imports no TF"))
+    checks.append(
+        Check("no_tensorflow_imported", "tensorflow" not in sys.modules,
+              float("tensorflow" in sys.modules), 0.0, "the GPU path imports no TF"))
     return checks
 
 
 def check_noise() -> list[Check]:
     """dp_aggregate's noise on a zero sum: std sigma C / B, reproducible, fresh every step."""
     sigma, clip_norm, expected = 1.3, 0.7, 2.0
-    agg = dp_aggregate(clip_norm=clip_norm, noise_multiplier=sigma,
-                       expected_batch_size=expected, seed=11)
+    agg = dp_aggregate(clip_norm=clip_norm, noise_multiplier=sigma, expected_batch_size=expected,
+                       seed=11)
     zeros = {"a": jnp.zeros((1 << 20,), jnp.float32), "b": jnp.zeros((256, 256), jnp.float32)}
     update = jax.jit(lambda state: agg.update(zeros, state)[0])
     state0 = agg.init(zeros)
@@ -292,13 +301,14 @@ def check_noise() -> list[Check]:
     std_err = abs(float(np.std(first)) / target - 1.0)
     mean_z = abs(float(np.mean(first))) / (target / math.sqrt(first.size))
     corr = abs(float(np.corrcoef(first, second)[0, 1]))
-    return [Check("noise_std", std_err <= 0.01, std_err, 0.01,
-                  f"|std / (sigma C / B) - 1|, target {target:.4g}, n={first.size}"),
-            Check("noise_mean", mean_z <= 5.0, mean_z, 5.0, "|mean| in standard errors"),
-            Check("noise_reproducible", bool(np.array_equal(first, again)), 0.0, 0.0,
-                  "same (seed, step), same noise"),
-            Check("noise_fresh_each_step", corr <= 0.01, corr, 0.01,
-                  "|correlation| of steps 0 and 1")]
+    return [
+        Check("noise_std", std_err <= 0.01, std_err, 0.01,
+              f"|std / (sigma C / B) - 1|, target {target:.4g}, n={first.size}"),
+        Check("noise_mean", mean_z <= 5.0, mean_z, 5.0, "|mean| in standard errors"),
+        Check("noise_reproducible", bool(np.array_equal(first, again)), 0.0, 0.0,
+              "same (seed, step), same noise"),
+        Check("noise_fresh_each_step", corr <= 0.01, corr, 0.01, "|correlation| of steps 0 and 1")
+    ]
 
 
 def bench_sampling(item: SampleItem, params, repeats: int) -> dict:
@@ -308,8 +318,8 @@ def bench_sampling(item: SampleItem, params, repeats: int) -> dict:
     schedule = diffusion.make_schedule("linear", 1000)
     sample_fn = sampling.make_sample_fn(
         lambda p, x, t, y: apply_fn(p, x, t, y, None), params, schedule,
-        image_shape=(config.image_size, config.image_size, config.in_channels),
-        method="ddim", num_steps=item.steps)
+        image_shape=(config.image_size, config.image_size, config.in_channels), method="ddim",
+        num_steps=item.steps)
     labels = np.arange(item.batch, dtype=np.int32) % (config.num_classes or 1)
     start = time.perf_counter()
     images = jax.block_until_ready(sample_fn(jax.random.key(0), labels))
@@ -320,9 +330,10 @@ def bench_sampling(item: SampleItem, params, repeats: int) -> dict:
         jax.block_until_ready(sample_fn(jax.random.key(i + 1), labels))
         times.append(time.perf_counter() - start)
     median = float(np.median(times))
-    return {**dataclasses.asdict(item), "first_call_s": first_s, "median_s": median,
-            "times": times, "images_per_s": item.batch / median,
-            "finite": bool(np.all(np.isfinite(np.asarray(images))))}
+    return {
+        **dataclasses.asdict(item), "first_call_s": first_s, "median_s": median, "times": times,
+        "images_per_s": item.batch / median, "finite": bool(np.all(np.isfinite(np.asarray(images))))
+    }
 
 
 def check_accounting(plan: Plan) -> dict:
@@ -334,8 +345,10 @@ def check_accounting(plan: Plan) -> dict:
     from jaxdpdm.dp import accounting
     num_examples, expected, sigma, steps = plan.accounting
     q = expected / num_examples
-    result = {"num_examples": num_examples, "sampling_rate": q, "noise_multiplier": sigma,
-              "steps": steps, "delta": 1e-5}
+    result = {
+        "num_examples": num_examples, "sampling_rate": q, "noise_multiplier": sigma, "steps": steps,
+        "delta": 1e-5
+    }
     for name in ("pld", "rdp"):
         start = time.perf_counter()
         result[f"epsilon_{name}"] = accounting.epsilon(noise_multiplier=sigma, sampling_rate=q,
@@ -346,19 +359,25 @@ def check_accounting(plan: Plan) -> dict:
 
 
 def format_report(results: dict) -> str:
-    lines = [f"jaxdpdm gpu_check ({results['mode']}): {results['environment']}", "",
-             f"{'invariant':<32}{'ok':<6}{'value':>12}{'limit':>10}  detail"]
+    lines = [
+        f"jaxdpdm gpu_check ({results['mode']}): {results['environment']}", "",
+        f"{'invariant':<32}{'ok':<6}{'value':>12}{'limit':>10}  detail"
+    ]
     for c in results["invariants"]:
         lines.append(f"{c['name']:<32}{'PASS' if c['passed'] else 'FAIL':<6}{c['value']:>12.3g}"
                      f"{c['limit']:>10.3g}  {c['detail']}")
     for step in results["steps"]:
-        lines += ["", f"{step['preset']} {step['image_size']}x{step['image_size']} "
-                      f"({step['num_params']:,} params), conv_impl {step['conv_impl']}, "
-                      "ratio = DP / non-private",
-                  dp_step.format_table(step)]
+        lines += [
+            "", f"{step['preset']} {step['image_size']}x{step['image_size']} "
+            f"({step['num_params']:,} params), conv_impl {step['conv_impl']}, "
+            "ratio = DP / non-private",
+            dp_step.format_table(step)
+        ]
     if results["sampling"]:
-        lines += ["", f"{'sampling':<14}{'dtype':<10}{'batch':>6}{'steps':>6}{'first_s':>9}"
-                      f"{'median_s':>10}{'img/s':>9}"]
+        lines += [
+            "", f"{'sampling':<14}{'dtype':<10}{'batch':>6}{'steps':>6}{'first_s':>9}"
+            f"{'median_s':>10}{'img/s':>9}"
+        ]
         for s in results["sampling"]:
             lines.append(f"{s['preset']:<14}{s['dtype']:<10}{s['batch']:>6}{s['steps']:>6}"
                          f"{s['first_call_s']:>9.2f}{s['median_s']:>10.3f}"
@@ -366,8 +385,8 @@ def format_report(results: dict) -> str:
     lines += ["", f"accounting: {results['accounting']}"]
     for note in results["skipped"] + results["errors"]:
         lines.append(f"note: {note}")
-    verdict = ("not run" if not results["invariants"]
-               else "all passed" if results["invariants_passed"] else "FAILED")
+    verdict = ("not run" if not results["invariants"] else
+               "all passed" if results["invariants_passed"] else "FAILED")
     lines.append(f"elapsed {results['elapsed_s']:.1f} s; invariants {verdict}")
     return "\n".join(lines)
 
@@ -405,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dp_step.environment()
     env.update(accounting_available=ACCOUNTING_AVAILABLE, xla_flags=os.environ.get("XLA_FLAGS", ""))
     mode = ("conv_" if args.conv else "") + ("smoke" if args.smoke else "full")
-    results = {"mode": mode, "environment": env, "invariants": [],
-               "steps": [], "sampling": [], "accounting": {}, "skipped": [], "errors": [],
-               "section_end_s": {}}
+    results = {
+        "mode": mode, "environment": env, "invariants": [], "steps": [], "sampling": [],
+        "accounting": {}, "skipped": [], "errors": [], "section_end_s": {}
+    }
     benches: dict[tuple, dp_step.Bench] = {}
 
     def bench_for(preset, image_size, dtype, chunk, augmult=None, conv_impl="xla"):
@@ -431,22 +451,23 @@ def main(argv: list[str] | None = None) -> int:
         results["elapsed_s"] = time.perf_counter() - start
         results["section_end_s"][name] = round(results["elapsed_s"], 2)
         print(f"[{results['elapsed_s']:6.1f} s] done: {name}", flush=True)
-        results["invariants_passed"] = (plan.invariants is None or bool(results["invariants"])
-                                        ) and all(c["passed"] for c in results["invariants"])
+        results["invariants_passed"] = (plan.invariants is None or bool(
+            results["invariants"])) and all(c["passed"] for c in results["invariants"])
         _write_json(args.out, results)
 
     if plan.invariants is not None:
         preset, size, rows, micro = plan.invariants
         # Invariants run at full float32 precision: on GPUs, default-precision float32 matmuls use
         # TF32, whose rounding would swamp the 1e-5 tolerances (on CPU this changes nothing).
-        precise = (contextlib.nullcontext() if jax.default_backend() == "cpu"
-                   else jax.default_matmul_precision("highest"))
+        precise = (contextlib.nullcontext()
+                   if jax.default_backend() == "cpu" else jax.default_matmul_precision("highest"))
         try:
             with precise:
                 checks = check_invariants(bench_for(preset, size, "float32", rows), micro)
         except Exception as err:  # noqa: BLE001  (a failed check; the benchmarks still run)
-            checks = [Check("invariants_ran", False, 1.0, 0.0,
-                            f"{type(err).__name__}: {err}"[:400])]
+            checks = [
+                Check("invariants_ran", False, 1.0, 0.0, f"{type(err).__name__}: {err}"[:400])
+            ]
         results["invariants"] = [dataclasses.asdict(c) for c in checks]
         finish_section("invariants")
 
@@ -461,12 +482,13 @@ def main(argv: list[str] | None = None) -> int:
                 step = dp_step.compare(bench, list(item.microbatches),
                                        nonprivate_microbatch=item.nonprivate_microbatch,
                                        repeats=plan.repeats, chunks=item.chunks)
-                results["steps"].append({"preset": item.preset, "image_size": item.image_size,
-                                         "num_params": bench.num_params,
-                                         "conv_impl": item.conv_impl, **step})
+                results["steps"].append({
+                    "preset": item.preset, "image_size": item.image_size,
+                    "num_params": bench.num_params, "conv_impl": item.conv_impl, **step
+                })
             else:
-                results["sampling"].append(bench_sampling(
-                    item, params_for(item.preset, item.image_size), plan.repeats))
+                results["sampling"].append(
+                    bench_sampling(item, params_for(item.preset, item.image_size), plan.repeats))
         except Exception as err:  # noqa: BLE001  (an OOM must not lose the other results)
             results["errors"].append(f"{item}: {type(err).__name__}: {str(err)[:400]}")
         finish_section(str(item))

@@ -59,10 +59,10 @@ def _floats(text: str) -> list[float]:
 def draw(exp, params, *, num: int, batch: int, guidance: float, steps: int, seed: int):
     """`num` class-balanced samples: (uint8 `[num, H, W, C]`, labels int `[num]`)."""
     u = exp.unet_config
-    sample_fn = sampling.make_sample_fn(
-        exp.eval_apply, params, exp.schedule, image_shape=(u.image_size, u.image_size,
-                                                            u.in_channels),
-        method="ddim", num_steps=steps, guidance_scale=guidance, null_label=exp.null_label)
+    sample_fn = sampling.make_sample_fn(exp.eval_apply, params, exp.schedule,
+                                        image_shape=(u.image_size, u.image_size, u.in_channels),
+                                        method="ddim", num_steps=steps, guidance_scale=guidance,
+                                        null_label=exp.null_label)
     labels = sampling.balanced_labels(num, u.num_classes, seed)
     out = []
     for i in range(-(-num // batch)):
@@ -93,36 +93,40 @@ def main(argv=None) -> int:
     public = load_dataset(dataclasses.replace(data_spec(config), subset="public"))
     exp, params, meta = load_trained(config, args.workdir)
     num_classes = exp.unet_config.num_classes
-    reader = label_consistency.fit_label_classifier(
-        (public.images, public.labels), None, num_classes, kind="logistic")
+    reader = label_consistency.fit_label_classifier((public.images, public.labels), None,
+                                                    num_classes, kind="logistic")
     recipe = downstream_config(config)
     results = []
     for steps in args.ddim_steps:
         for guidance in args.guidance:
             start = time.perf_counter()
-            images, labels = draw(exp, params, num=args.num, batch=args.batch,
-                                  guidance=guidance, steps=int(steps), seed=args.seed)
+            images, labels = draw(exp, params, num=args.num, batch=args.batch, guidance=guidance,
+                                  steps=int(steps), seed=args.seed)
             sample_s = time.perf_counter() - start
             (train_x, train_y), (val_x, val_y) = classifier_training.split_holdout(
                 images, labels, recipe.val_fraction, seed=recipe.seed)
-            trained = classifier_training.train_classifier(
-                train_x, train_y, val_x, val_y, recipe, num_classes=num_classes)
-            row = {"guidance": guidance, "ddim_steps": int(steps), "num": args.num,
-                   "public_accuracy": classifier_training.accuracy(trained, public.images,
-                                                                   public.labels),
-                   "label_consistency": label_consistency.label_consistency(
-                       reader, images, labels)["overall"],
-                   "sample_seconds": round(sample_s, 1),
-                   "total_seconds": round(time.perf_counter() - start, 1)}
+            trained = classifier_training.train_classifier(train_x, train_y, val_x, val_y, recipe,
+                                                           num_classes=num_classes)
+            row = {
+                "guidance": guidance, "ddim_steps": int(steps), "num": args.num,
+                "public_accuracy": classifier_training.accuracy(trained, public.images,
+                                                                public.labels),
+                "label_consistency": label_consistency.label_consistency(reader, images, labels)
+                                     ["overall"], "sample_seconds": round(sample_s, 1),
+                "total_seconds": round(time.perf_counter() - start, 1)
+            }
             results.append(row)
-            print(f"guidance={guidance:g} ddim_steps={int(steps)}: public_accuracy="
-                  f"{row['public_accuracy']:.4f} label_consistency="
-                  f"{row['label_consistency']:.3f} ({row['sample_seconds']:.0f}s sampling, "
-                  f"{row['total_seconds']:.0f}s total)", flush=True)
-    doc = {"config": args.config, "workdir": args.workdir, "checkpoint_step": meta["step"],
-           "num_public": len(public), "recipe": dataclasses.asdict(recipe),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "loadavg": os.getloadavg(), "results": results}
+            print(
+                f"guidance={guidance:g} ddim_steps={int(steps)}: public_accuracy="
+                f"{row['public_accuracy']:.4f} label_consistency="
+                f"{row['label_consistency']:.3f} ({row['sample_seconds']:.0f}s sampling, "
+                f"{row['total_seconds']:.0f}s total)", flush=True)
+    doc = {
+        "config": args.config, "workdir": args.workdir, "checkpoint_step": meta["step"],
+        "num_public": len(public), "recipe": dataclasses.asdict(recipe),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg": os.getloadavg(), "results": results
+    }
     print(json.dumps(doc))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -72,8 +72,8 @@ if torch is not None:
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0):
         """`layers.timestep_embedding` in PyTorch: `[B]` -> `[B, dim]`."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32)
-                          / max(half, 1))
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) /
+                          max(half, 1))
         args = t.float()[:, None] * freqs[None, :]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -81,8 +81,8 @@ if torch is not None:
     class ResBlock(nn.Module):
         """`layers.ResBlock` (scale-shift norm, zero-initialised last conv), NCHW."""
 
-        def __init__(self, cin: int, cout: int, embed_dim: int, dropout: float, *,
-                     up: bool = False, down: bool = False):
+        def __init__(self, cin: int, cout: int, embed_dim: int, dropout: float, *, up: bool = False,
+                     down: bool = False):
             super().__init__()
             self.up, self.down = up, down
             self.in_norm, self.in_conv = group_norm(cin), conv3x3(cin, cout)
@@ -150,8 +150,8 @@ if torch is not None:
             emb_dim, base = cfg.embed_dim, cfg.base_channels
             self.time_embed_0 = nn.Linear(base, emb_dim)
             self.time_embed_1 = nn.Linear(emb_dim, emb_dim)
-            self.label_embed = (None if cfg.num_classes is None
-                                else nn.Embedding(cfg.num_classes + 1, emb_dim))
+            self.label_embed = (None if cfg.num_classes is None else nn.Embedding(
+                cfg.num_classes + 1, emb_dim))
             self.in_conv = conv3x3(cfg.in_channels, base * cfg.channel_mult[0])
             self.blocks = nn.ModuleDict()
             block = lambda cin, cout, **kw: ResBlock(cin, cout, emb_dim, cfg.dropout, **kw)
@@ -164,9 +164,9 @@ if torch is not None:
                         self.blocks[f"down_{level}_attn_{i}"] = AttentionBlock(width, cfg.num_heads)
                     skip_widths.append(width)
                 if level < cfg.num_levels - 1:
-                    self.blocks[f"down_{level}_resample"] = (
-                        block(width, width, down=True) if cfg.resblock_updown
-                        else Resample(width, up=False, use_conv=cfg.conv_resample))
+                    self.blocks[f"down_{level}_resample"] = (block(
+                        width, width, down=True) if cfg.resblock_updown else Resample(
+                            width, up=False, use_conv=cfg.conv_resample))
                     skip_widths.append(width)
             self.blocks["middle_block_0"] = block(width, width)
             self.blocks["middle_attn"] = AttentionBlock(width, cfg.num_heads)
@@ -180,9 +180,9 @@ if torch is not None:
                     if res in cfg.attention_resolutions:
                         self.blocks[f"up_{level}_attn_{i}"] = AttentionBlock(width, cfg.num_heads)
                 if level > 0:
-                    self.blocks[f"up_{level}_resample"] = (
-                        block(width, width, up=True) if cfg.resblock_updown
-                        else Resample(width, up=True, use_conv=cfg.conv_resample))
+                    self.blocks[f"up_{level}_resample"] = (block(
+                        width, width, up=True) if cfg.resblock_updown else Resample(
+                            width, up=True, use_conv=cfg.conv_resample))
             self.out_norm = group_norm(width)
             self.out_conv = conv3x3(width, cfg.in_channels, zero=True)
 
@@ -222,8 +222,8 @@ if torch is not None:
             b, k = images.shape[0], self.augmult
             t = torch.randint(0, self.num_timesteps, (b, k))
             noise = torch.randn((b, k) + images.shape[1:])
-            x_t = (self.sqrt_acp[t][..., None, None, None] * images[:, None]
-                   + self.sqrt_1m_acp[t][..., None, None, None] * noise)
+            x_t = (self.sqrt_acp[t][..., None, None, None] * images[:, None] +
+                   self.sqrt_1m_acp[t][..., None, None, None] * noise)
             dropped = torch.rand(b) < LABEL_DROPOUT
             y = torch.where(dropped, torch.full_like(labels, self.cfg.num_classes), labels)
             return x_t, t, y[:, None].expand(b, k), noise
@@ -260,6 +260,7 @@ def torch_steps(cfg: unet.UNetConfig, batch: int, augmult: int, seed: int = 0) -
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
+
         return model, step
 
     def func_dp():
@@ -281,6 +282,7 @@ def torch_steps(cfg: unet.UNetConfig, batch: int, augmult: int, seed: int = 0) -
             for name, p in params.items():
                 p.grad = grads[name]
             optim.step()
+
         return model, step
 
     def opacus_dp():
@@ -295,13 +297,14 @@ def torch_steps(cfg: unet.UNetConfig, batch: int, augmult: int, seed: int = 0) -
             x_t, t, y, noise = diffusion.draws(images, labels)
             eps = model(x_t.reshape((-1,) + shape), t.reshape(-1), y.reshape(-1))
             # Sum over examples of each example's mean over its K draws and pixels.
-            loss = F.mse_loss(eps, noise.reshape((-1,) + shape), reduction="sum") / (
-                augmult * shape.numel())
+            loss = F.mse_loss(eps, noise.reshape((-1,) + shape),
+                              reduction="sum") / (augmult * shape.numel())
             optim.zero_grad(set_to_none=True)
             loss.backward()
             for p in model.parameters():  # B*K per-row gradients -> B per-example gradients
                 p.grad_sample = p.grad_sample.reshape((batch, augmult) + p.shape).sum(1)
             optim.step()
+
         return model, step
 
     steps = {"torch_nonprivate": nonprivate(), "torch_func_dp": func_dp()}
@@ -347,8 +350,10 @@ def load_flax_params(model: "TorchUNet", params) -> None:
 def jax_steps(cfg: unet.UNetConfig, batch: int, augmult: int, microbatch: int) -> tuple[dict, int]:
     """`({name: step()}, parameter count)` for the two jaxdpdm steps (`dp_step.Bench`)."""
     bench = dp_step.Bench(cfg, augmult=augmult, chunk_rows=batch)
-    return ({"jax_dp": bench.stepper("dp", microbatch)[0],
-             "jax_nonprivate": bench.stepper("nonprivate", batch)[0]}, bench.num_params)
+    return ({
+        "jax_dp": bench.stepper("dp", microbatch)[0],
+        "jax_nonprivate": bench.stepper("nonprivate", batch)[0]
+    }, bench.num_params)
 
 
 def time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
@@ -383,11 +388,13 @@ def run_size(args: argparse.Namespace, image_size: int) -> dict:
     steps.update({name: step for name, (_, step) in torch_models.items()})
     times = time_interleaved(steps, args.repeats)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS
-              if a in medians and b in medians}
-    return {"image_size": image_size, "num_params": jax_params, "medians_s": medians,
-            "times_s": times, "ratios": ratios,
-            "loadavg": [round(x, 2) for x in load_before + os.getloadavg()]}
+    ratios = {
+        f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS if a in medians and b in medians
+    }
+    return {
+        "image_size": image_size, "num_params": jax_params, "medians_s": medians, "times_s": times,
+        "ratios": ratios, "loadavg": [round(x, 2) for x in load_before + os.getloadavg()]
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -421,13 +428,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("vs_pytorch: opacus is not installed; the Opacus step is left out")
     env = dp_step.environment()
     env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-               opacus=getattr(opacus, "__version__", None),
-               xla_flags=os.environ.get("XLA_FLAGS", ""))
+               opacus=getattr(opacus, "__version__",
+                              None), xla_flags=os.environ.get("XLA_FLAGS", ""))
     conv_impl = args.conv_impl or unet.UNetConfig.conv_impl
-    print(f"{args.preset}, batch {args.batch}, K={args.augmult}, float32, Adam; median of "
-          f"{args.repeats} interleaved repeats; jax {env['jax']}, torch {env['torch']} "
-          f"({env['torch_threads']} threads), opacus {env['opacus']}; "
-          f"XLA_FLAGS={env['xla_flags']!r}; conv_impl {conv_impl}", flush=True)
+    print(
+        f"{args.preset}, batch {args.batch}, K={args.augmult}, float32, Adam; median of "
+        f"{args.repeats} interleaved repeats; jax {env['jax']}, torch {env['torch']} "
+        f"({env['torch_threads']} threads), opacus {env['opacus']}; "
+        f"XLA_FLAGS={env['xla_flags']!r}; conv_impl {conv_impl}", flush=True)
     results = []
     for size in args.image_size:  # each size printed when done: a long run keeps what it has
         r = run_size(args, size)
@@ -437,16 +445,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         for name in STEPS:
             if name in r["medians_s"]:
                 ts = r["times_s"][name]
-                print(f"  {name:<17}{r['medians_s'][name]:8.3f} s  (min {min(ts):.3f}, "
-                      f"max {max(ts):.3f})", flush=True)
+                print(
+                    f"  {name:<17}{r['medians_s'][name]:8.3f} s  (min {min(ts):.3f}, "
+                    f"max {max(ts):.3f})", flush=True)
     print("\nratios (median / median; < 1 means the left one is faster):")
     for r in results:
-        print(f"  {r['image_size']}x{r['image_size']}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in r["ratios"].items()))
-    result = {"benchmark": "vs_pytorch", "argv": sys.argv[1:] if argv is None else list(argv),
-              "preset": args.preset, "conv_impl": conv_impl, "batch": args.batch,
-              "augmult": args.augmult, "jax_microbatch": args.jax_microbatch, "environment": env,
-              "results": results}
+        print(f"  {r['image_size']}x{r['image_size']}: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    result = {
+        "benchmark": "vs_pytorch", "argv": sys.argv[1:] if argv is None else list(argv),
+        "preset": args.preset, "conv_impl": conv_impl, "batch": args.batch, "augmult": args.augmult,
+        "jax_microbatch": args.jax_microbatch, "environment": env, "results": results
+    }
     dp_step.emit_json(result, args.json_out)
     return result
 

@@ -62,14 +62,14 @@ class CheckpointStore:
     def __init__(self, directory: str, *, keep: int = 3, create: bool = True):
         self.directory = storage.normalize(directory)
         options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=create,
-                # Synchronous saves: the ledger on disk must never lag behind a step we report as saved,
-                # and a Ctrl-C right after `save` returns must not lose the write.
-                enable_async_checkpointing=False,
+            max_to_keep=keep,
+            create=create,
+            # Synchronous saves: the ledger on disk must never lag behind a step we report as saved,
+            # and a Ctrl-C right after `save` returns must not lose the write.
+            enable_async_checkpointing=False,
         )
-        self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
@@ -88,10 +88,10 @@ class CheckpointStore:
         """
         self._check_free_space(step, state)
         self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                force=True,
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=True,
         )
         self._manager.wait_until_finished()
 
@@ -104,15 +104,14 @@ class CheckpointStore:
             existing = os.path.dirname(existing)
         free = shutil.disk_usage(existing).free
         if free < needed:
-            raise OSError(errno.ENOSPC, f"No space left on device (checkpoint {step} needs about "
-                          f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)",
-                          self.directory)
+            raise OSError(
+                errno.ENOSPC, f"No space left on device (checkpoint {step} needs about "
+                f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)", self.directory)
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Reads only the JSON metadata of checkpoint `step` (default: the newest)."""
         step = self._resolve_step(step)
-        restored = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -132,12 +131,11 @@ class CheckpointStore:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                              meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
-                    f"checkpoint {step} in {self.directory} does not match this model/optimizer: {e}"
+                f"checkpoint {step} in {self.directory} does not match this model/optimizer: {e}"
             ) from e
         return restored["state"], dict(restored["meta"])
 
@@ -145,13 +143,13 @@ class CheckpointStore:
         """Restores checkpoint `step` without a target (as host numpy arrays), for `init_from`."""
         step = self._resolve_step(step)
         restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                          meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
 
-    def newest_restorable(self, meta_problem: Callable[[dict], str | None] | None = None
-                          ) -> tuple[int | None, dict]:
+    def newest_restorable(
+            self,
+            meta_problem: Callable[[dict], str | None] | None = None) -> tuple[int | None, dict]:
         """The newest checkpoint that restores completely, and its metadata.
 
         Each candidate, newest first, is read in full (arrays and metadata) and its metadata
@@ -177,9 +175,10 @@ class CheckpointStore:
                 problem = _one_line(e)
             if problem is None:
                 for bad, why in skipped:
-                    log.warning("checkpoint %d in %s does not restore (%s): skipped; resuming "
-                                "from checkpoint %d; the bad one is kept as %s%s", bad,
-                                self.directory, why, step, bad, SET_ASIDE_SUFFIX)
+                    log.warning(
+                        "checkpoint %d in %s does not restore (%s): skipped; resuming "
+                        "from checkpoint %d; the bad one is kept as %s%s", bad, self.directory, why,
+                        step, bad, SET_ASIDE_SUFFIX)
                     if jax.process_index() == 0:  # one renamer for a shared folder
                         self._set_aside(bad)
                 if skipped:
@@ -189,9 +188,10 @@ class CheckpointStore:
                 return step, meta
             skipped.append((step, problem))
         if skipped:
-            raise ValueError(f"no checkpoint in {self.directory} restores: " + "; ".join(
-                f"step {step}: {why}" for step, why in skipped) + " (left in place; move them "
-                "away to start over)")
+            raise ValueError(f"no checkpoint in {self.directory} restores: " +
+                             "; ".join(f"step {step}: {why}" for step, why in skipped) +
+                             " (left in place; move them "
+                             "away to start over)")
         return None, {}
 
     def _set_aside(self, step: int) -> None:

@@ -60,11 +60,11 @@ def get_config(arg=None):
     config.data.image_size = 16
     config.data.channels = 1
     config.data.split = "train"
-    config.data.data_dir = config_dict.placeholder(str)   # folder of the files / TFDS data_dir
+    config.data.data_dir = config_dict.placeholder(str)  # folder of the files / TFDS data_dir
     config.data.manual_dir = config_dict.placeholder(str)  # TFDS manual_dir
-    config.data.download = False    # allow downloading (needs internet); never on by default
+    config.data.download = False  # allow downloading (needs internet); never on by default
     config.data.cache_dir = config_dict.placeholder(str)
-    config.data.classes = config_dict.placeholder(tuple)   # keep only these classes (relabelled)
+    config.data.classes = config_dict.placeholder(tuple)  # keep only these classes (relabelled)
     config.data.skip_corrupt = False  # skip unreadable images (counted) instead of failing
     config.data.max_examples = config_dict.placeholder(int)
     # Public/private split of one dataset (deterministic, stratified, disjoint): with
@@ -209,7 +209,7 @@ def get_config(arg=None):
     # distribution images with random labels; "both": num_canaries of each kind in one run.
     config.audit.kind = "both"
     config.audit.num_canaries = 1000  # per kind, each included with probability 1/2
-    config.audit.confidence = 0.95    # of the epsilon lower bounds
+    config.audit.confidence = 0.95  # of the epsilon lower bounds
     config.audit.score_timesteps = 10  # input canaries: loss averaged over this many fixed t
 
     return config
@@ -234,9 +234,10 @@ def _check(condition: bool, message: str) -> None:
 def validate_config(config) -> None:
     """Raises ValueError naming the first field whose value is out of range."""
     _check(config.phase in PHASES, f"phase must be one of {PHASES}, got {config.phase!r}")
-    _check(config.seed is None or (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED),
-           f"seed must be unset (drawn secretly) or an integer in [0, 2**32 - 1], got "
-           f"{config.seed} (JAX keys keep only 32 bits of a seed)")
+    _check(
+        config.seed is None or (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED),
+        f"seed must be unset (drawn secretly) or an integer in [0, 2**32 - 1], got "
+        f"{config.seed} (JAX keys keep only 32 bits of a seed)")
 
     data = config.data
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
@@ -247,8 +248,9 @@ def validate_config(config) -> None:
     _check(d.schedule in SCHEDULES, f"diffusion.schedule must be one of {SCHEDULES}")
     _check(d.augmult >= 1, f"diffusion.augmult must be >= 1, got {d.augmult}")
     _check(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
-    _check(len(d.timestep_ranges) == len(d.timestep_weights) > 0,
-           "diffusion.timestep_ranges and timestep_weights must have the same, non-zero length")
+    _check(
+        len(d.timestep_ranges) == len(d.timestep_weights) > 0,
+        "diffusion.timestep_ranges and timestep_weights must have the same, non-zero length")
     _check(all(0 <= lo < hi <= d.num_timesteps for lo, hi in d.timestep_ranges),
            f"diffusion.timestep_ranges must be ranges [lo, hi) within [0, {d.num_timesteps})")
 
@@ -271,28 +273,33 @@ def validate_config(config) -> None:
         _check(0.0 < p.delta < 1.0, f"dp.delta must be in (0, 1), got {p.delta}")
         _check(p.clip_norm > 0, f"dp.clip_norm must be > 0, got {p.clip_norm}")
         # sigma = 0 adds no noise: nothing would be private, and the accountant cannot price it.
-        _check(p.noise_multiplier is None or p.noise_multiplier > 0,
-               f"dp.noise_multiplier must be > 0 in a DP run (or unset, to calibrate it), got "
-               f"{p.noise_multiplier}; use phase='pretrain' for non-private training")
+        _check(
+            p.noise_multiplier is None or p.noise_multiplier > 0,
+            f"dp.noise_multiplier must be > 0 in a DP run (or unset, to calibrate it), got "
+            f"{p.noise_multiplier}; use phase='pretrain' for non-private training")
         _check(p.accountant in ACCOUNTANTS, f"dp.accountant must be one of {ACCOUNTANTS}")
-        _check(p.accountant != "pld" or t.num_steps <= MAX_PLD_STEPS,
-               f"train.num_steps={t.num_steps:,} is more than {MAX_PLD_STEPS:,} DP steps: the PLD "
-               f"accountant would take from many minutes to hours to calibrate and check the "
-               f"budget at that length (3*10^6 steps: 5 minutes for the calibration alone); if "
-               f"you mean it, set dp.accountant='rdp' (fast at any length, slightly looser)")
+        _check(
+            p.accountant != "pld" or t.num_steps <= MAX_PLD_STEPS,
+            f"train.num_steps={t.num_steps:,} is more than {MAX_PLD_STEPS:,} DP steps: the PLD "
+            f"accountant would take from many minutes to hours to calibrate and check the "
+            f"budget at that length (3*10^6 steps: 5 minutes for the calibration alone); if "
+            f"you mean it, set dp.accountant='rdp' (fast at any length, slightly looser)")
 
     pre = config.pretrain
     _check(pre.num_steps >= 0, f"pretrain.num_steps must be >= 0, got {pre.num_steps}")
     if pre.num_steps:
-        _check(config.phase == "dp" and data.subset == "private",
-               "pretrain.num_steps > 0 needs phase 'dp' and data.subset 'private' (the "
-               "pretraining phase trains on the public part of the same split)")
-        _check(config.init_from is None, "pretrain.num_steps > 0 initialises the DP phase from "
-               "its own pretraining: leave init_from unset")
-        _check(pre.batch_size >= 1 and pre.learning_rate > 0 and pre.warmup_steps >= 0
-               and 0.0 <= pre.ema_decay < 1.0 and pre.augmult >= 1,
-               "pretrain needs batch_size >= 1, learning_rate > 0, warmup_steps >= 0, "
-               "ema_decay in [0, 1) and augmult >= 1")
+        _check(
+            config.phase == "dp" and data.subset == "private",
+            "pretrain.num_steps > 0 needs phase 'dp' and data.subset 'private' (the "
+            "pretraining phase trains on the public part of the same split)")
+        _check(
+            config.init_from is None, "pretrain.num_steps > 0 initialises the DP phase from "
+            "its own pretraining: leave init_from unset")
+        _check(
+            pre.batch_size >= 1 and pre.learning_rate > 0 and pre.warmup_steps >= 0 and
+            0.0 <= pre.ema_decay < 1.0 and pre.augmult >= 1,
+            "pretrain needs batch_size >= 1, learning_rate > 0, warmup_steps >= 0, "
+            "ema_decay in [0, 1) and augmult >= 1")
 
     s = config.sample
     _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}")
@@ -300,15 +307,17 @@ def validate_config(config) -> None:
            "sample.ddim_steps must be in [1, diffusion.num_timesteps]")
     _check(s.eta >= 0, "sample.eta must be >= 0")
     _check(s.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
-    _check(isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
-           f"sample.seed must be an integer in [0, 2**32 - 1], got {s.seed}")
+    _check(
+        isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED,
+        f"sample.seed must be an integer in [0, 2**32 - 1], got {s.seed}")
     _check(s.num_samples >= 1 and s.batch_size >= 1,
            "sample.num_samples and sample.batch_size must be >= 1")
 
     a = config.audit
     _check(a.kind in AUDIT_KINDS, f"audit.kind must be one of {AUDIT_KINDS}, got {a.kind!r}")
-    _check(isinstance(a.num_canaries, int) and a.num_canaries >= 2,
-           f"audit.num_canaries must be an integer >= 2, got {a.num_canaries!r}")
+    _check(
+        isinstance(a.num_canaries, int) and a.num_canaries >= 2,
+        f"audit.num_canaries must be an integer >= 2, got {a.num_canaries!r}")
     _check(0.5 <= a.confidence < 1.0, f"audit.confidence must be in [0.5, 1), got {a.confidence}")
     _check(1 <= a.score_timesteps <= d.num_timesteps,
            "audit.score_timesteps must be in [1, diffusion.num_timesteps]")
@@ -326,8 +335,9 @@ def validate_config(config) -> None:
            "eval.classifier_batch_size must be unset (the recipe's) or >= 1")
     _check(e.classifier_learning_rate is None or e.classifier_learning_rate > 0,
            "eval.classifier_learning_rate must be unset (the recipe's) or > 0")
-    _check(e.public_mix is not True or data.public_fraction > 0,
-           "eval.public_mix=True trains on the real public images, but data.public_fraction "
-           "is 0 (no public part); set data.public_fraction and data.subset, or leave "
-           "eval.public_mix unset")
+    _check(
+        e.public_mix is not True or data.public_fraction > 0,
+        "eval.public_mix=True trains on the real public images, but data.public_fraction "
+        "is 0 (no public part); set data.public_fraction and data.subset, or leave "
+        "eval.public_mix unset")
     _check(e.fid_batch_size >= 1, "eval.fid_batch_size must be >= 1")

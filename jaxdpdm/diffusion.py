@@ -61,21 +61,19 @@ def _betas(kind: str, num_timesteps: int) -> np.ndarray:
         # Scaled so that other T give the same overall amount of noise as T = 1000 (as in
         # improved DDPM); exactly DDPM's 1e-4..0.02 at T = 1000.
         scale = 1000.0 / num_timesteps
-        return np.linspace(
-            scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, num_timesteps, dtype=np.float64
-        )
+        return np.linspace(scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, num_timesteps,
+                           dtype=np.float64)
     if kind == "cosine":
 
         def alpha_bar(u):  # u in [0, 1]
-            return math.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+            return math.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2)**2
 
         return np.array(
             [
                 min(
                     1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps),
                     COSINE_MAX_BETA,
-                )
-                for i in range(num_timesteps)
+                ) for i in range(num_timesteps)
             ],
             dtype=np.float64,
         )
@@ -89,11 +87,8 @@ def make_schedule(kind: str = "linear", num_timesteps: int = 1000) -> Schedule:
         ValueError: unknown kind, or num_timesteps < 2 (or too large for a linear schedule,
             whose betas would reach 1).
     """
-    if (
-        isinstance(num_timesteps, bool)
-        or not isinstance(num_timesteps, (int, np.integer))
-        or num_timesteps < 2
-    ):
+    if (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or
+            num_timesteps < 2):
         raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
     betas = _betas(kind, int(num_timesteps))
     if not (np.all(betas > 0) and np.all(betas < 1)):
@@ -114,8 +109,7 @@ def make_schedule(kind: str = "linear", num_timesteps: int = 1000) -> Schedule:
         # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value so the
         # log stays finite (the t = 0 step of the sampler adds no noise anyway).
         posterior_log_variance_clipped=np.log(
-            np.append(posterior_variance[1], posterior_variance[1:])
-        ),
+            np.append(posterior_variance[1], posterior_variance[1:])),
         posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
         posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
     )
@@ -149,38 +143,30 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
     Returns:
         `x_t`, same shape as x0.
     """
-    return (
-        _at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-        + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
-    )
+    return (_at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0 +
+            _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
 
-def predict_x0_from_eps(
-    schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array
-) -> jax.Array:
+def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
+                        eps: jax.Array) -> jax.Array:
     """The x_0 implied by a noise prediction: `(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`.
 
     Shapes as in `q_sample` (x_t, eps `[B, H, W, C]`, t `[B]`).
     """
-    return (
-        _at(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-        - _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
-    )
+    return (_at(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t -
+            _at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
 
 
-def predict_eps_from_x0(
-    schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
-) -> jax.Array:
+def predict_eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array,
+                        x0: jax.Array) -> jax.Array:
     """The noise implied by an x_0 estimate (inverse of `predict_x0_from_eps`); samplers use it
     after clipping x_0 to [-1, 1]. Shapes as in `q_sample`."""
     return (_at(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / _at(
-        schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
-    )
+        schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
 
 
-def q_posterior(
-    schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
+                t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean, variance and clipped log-variance of `q(x_{t-1} | x_t, x_0)`.
 
     Args:
@@ -191,10 +177,8 @@ def q_posterior(
         mean `[B, H, W, C]`; variance and log-variance `[B, 1, 1, 1]` (broadcastable). At t = 0
         the variance is 0 and the mean is x0.
     """
-    mean = (
-        _at(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
-        + _at(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
-    )
+    mean = (_at(schedule.posterior_mean_coef1, t, x_t.ndim) * x0 +
+            _at(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
     return (
         mean,
         _at(schedule.posterior_variance, t, x_t.ndim),
@@ -227,8 +211,7 @@ class TimestepDistribution:
             weights = tuple(float(w) for w in self.weights)
         except (TypeError, ValueError) as err:
             raise ValueError(
-                f"ranges must be (lo, hi) int pairs and weights numbers: {err}"
-            ) from err
+                f"ranges must be (lo, hi) int pairs and weights numbers: {err}") from err
         if not ranges:
             raise ValueError("a timestep distribution needs at least one range")
         if len(weights) != len(ranges):
@@ -258,8 +241,7 @@ class TimestepDistribution:
         top = max(hi for _, hi in self.ranges)
         if top > num_timesteps:
             raise ValueError(
-                f"timestep range up to {top} exceeds the schedule's {num_timesteps} timesteps"
-            )
+                f"timestep range up to {top} exceeds the schedule's {num_timesteps} timesteps")
 
     def probabilities(self, num_timesteps: int) -> np.ndarray:
         """The probability of each timestep, float64 `[num_timesteps]` (sums to 1)."""
@@ -275,12 +257,11 @@ class TimestepDistribution:
         highs = jnp.asarray([hi for _, hi in self.ranges], jnp.int32)
         component_key, uniform_key = jax.random.split(key)
         # log(0) = -inf: a zero-weight range can never win the Gumbel-max draw.
-        component = jax.random.categorical(
-            component_key, jnp.log(jnp.asarray(self.weights, jnp.float32)), shape=shape
-        )
-        return jax.random.randint(
-            uniform_key, shape, lows[component], highs[component], dtype=jnp.int32
-        )
+        component = jax.random.categorical(component_key,
+                                           jnp.log(jnp.asarray(self.weights, jnp.float32)),
+                                           shape=shape)
+        return jax.random.randint(uniform_key, shape, lows[component], highs[component],
+                                  dtype=jnp.int32)
 
 
 class TrainingDraws(NamedTuple):
@@ -312,8 +293,7 @@ def _check_loss_options(augmult, label_dropout, null_label, has_label) -> None:
         raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
     if label_dropout > 0 and (null_label is None or not has_label):
         raise ValueError(
-            "label_dropout > 0 needs a labelled example and null_label (the model's num_classes)"
-        )
+            "label_dropout > 0 needs a labelled example and null_label (the model's num_classes)")
 
 
 def draw_training_inputs(

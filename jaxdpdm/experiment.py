@@ -64,10 +64,11 @@ class Experiment:
         """Per-example diffusion loss; `example` holds one uint8 image `[H, W, C]` and its label."""
         d = self.config.diffusion
         image = to_model_range(example["image"])
-        return diffusion.per_example_loss(
-            self.train_apply, params, {"image": image, "label": example["label"]}, rng,
-            schedule=self.schedule, timestep_dist=self.timestep_dist, augmult=d.augmult,
-            random_flip=d.random_flip, label_dropout=d.label_dropout, null_label=self.null_label)
+        return diffusion.per_example_loss(self.train_apply, params,
+                                          {"image": image, "label": example["label"]}, rng,
+                                          schedule=self.schedule, timestep_dist=self.timestep_dist,
+                                          augmult=d.augmult, random_flip=d.random_flip,
+                                          label_dropout=d.label_dropout, null_label=self.null_label)
 
     def sampler(self) -> sampling.Sampler:
         """The sampler `config.sample` describes, for this model: the one factory behind the
@@ -78,10 +79,12 @@ class Experiment:
           [-1, 1] (`sampling.make_sampler`); `sampling.jit_sampler` binds it to parameters.
         """
         s, u = self.config.sample, self.unet_config
-        return sampling.make_sampler(
-            self.eval_apply, self.schedule, image_shape=(u.image_size, u.image_size, u.in_channels),
-            method=s.sampler, num_steps=s.ddim_steps if s.sampler == "ddim" else None, eta=s.eta,
-            guidance_scale=s.guidance_scale, null_label=self.null_label)
+        return sampling.make_sampler(self.eval_apply, self.schedule,
+                                     image_shape=(u.image_size, u.image_size,
+                                                  u.in_channels), method=s.sampler,
+                                     num_steps=s.ddim_steps if s.sampler == "ddim" else None,
+                                     eta=s.eta, guidance_scale=s.guidance_scale,
+                                     null_label=self.null_label)
 
     def example_key(self, step: int) -> jax.Array:
         """The key of step `step` from which every example's key is folded (by example index)."""
@@ -188,11 +191,16 @@ def dataset_fingerprint(config, dataset: ImageDataset) -> dict[str, Any]:
         digest.update(array.data)
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
     return {
-        "name": d.name, "split": d.split, "subset": d.subset,
-        "public_fraction": d.public_fraction, "split_seed": d.split_seed,
+        "name": d.name,
+        "split": d.split,
+        "subset": d.subset,
+        "public_fraction": d.public_fraction,
+        "split_seed": d.split_seed,
         "classes": None if d.classes is None else list(d.classes),
-        "max_examples": d.max_examples, "num_examples": len(dataset),
-        "class_counts": [int(c) for c in counts], "sha256": digest.hexdigest(),
+        "max_examples": d.max_examples,
+        "num_examples": len(dataset),
+        "class_counts": [int(c) for c in counts],
+        "sha256": digest.hexdigest(),
     }
 
 

@@ -74,8 +74,8 @@ def unfinished_run_note(meta: dict, workdir: str) -> str | None:
     report_path = os.path.join(workdir, PRIVACY_JSON)
     if os.path.exists(report_path):
         report = json.loads(storage.read_text(report_path))
-        if (report.get("training", {}).get("stopped_by_budget")
-                and report.get("mechanism", {}).get("steps") == step):
+        if (report.get("training", {}).get("stopped_by_budget") and
+                report.get("mechanism", {}).get("steps") == step):
             return None
     return (f"checkpoint step {step} is from an unfinished run (train.num_steps={target}): "
             "the model is still training")
@@ -112,11 +112,12 @@ def _provenance(config, workdir: str, meta: dict) -> dict[str, Any]:
     report_path = os.path.join(workdir, PRIVACY_JSON)
     guarantee = (json.loads(storage.read_text(report_path)).get("guarantee")
                  if os.path.exists(report_path) else None)
-    return {"dataset": config.data.name, "subset": config.data.subset,
-            "checkpoint_step": meta["step"], "phase": config.phase,
-            "sampler": {k: config.sample[k] for k in ("sampler", "ddim_steps", "eta",
-                                                      "guidance_scale", "seed")},
-            "privacy_guarantee": guarantee}
+    return {
+        "dataset": config.data.name, "subset": config.data.subset, "checkpoint_step": meta["step"],
+        "phase": config.phase, "sampler": {
+            k: config.sample[k] for k in ("sampler", "ddim_steps", "eta", "guidance_scale", "seed")
+        }, "privacy_guarantee": guarantee
+    }
 
 
 def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
@@ -128,13 +129,14 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     workdir = storage.ensure_writable_dir(workdir)  # ValueError naming it when read-only
     note = unfinished_run_note(meta, workdir)
     if note:
-        log.warning("%s; run --mode=sample again when training has finished (it replaces "
-                    "these samples)", note)
+        log.warning(
+            "%s; run --mode=sample again when training has finished (it replaces "
+            "these samples)", note)
     archived = archive_stale_samples(workdir, meta["step"])
     if archived:
-        log.warning("training moved on since the samples in %s were drawn: moved them to %s; "
-                    "sampling checkpoint step %d", os.path.join(workdir, "samples"), archived,
-                    meta["step"])
+        log.warning(
+            "training moved on since the samples in %s were drawn: moved them to %s; "
+            "sampling checkpoint step %d", os.path.join(workdir, "samples"), archived, meta["step"])
     s, u = config.sample, exp.unet_config
     mesh = parallel.make_data_mesh()
     if s.batch_size % mesh.size:
@@ -146,19 +148,20 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     def progress(chunk: int, num_chunks: int) -> None:
         elapsed = time.perf_counter() - start
         eta_s = elapsed / (chunk + 1) * (num_chunks - chunk - 1)
-        print(f"[sample] chunk {chunk + 1}/{num_chunks} ({elapsed:.0f}s elapsed, "
-              f"~{eta_s:.0f}s left)", flush=True)
+        print(
+            f"[sample] chunk {chunk + 1}/{num_chunks} ({elapsed:.0f}s elapsed, "
+            f"~{eta_s:.0f}s left)", flush=True)
 
     summary = sampling.generate_samples(
-        sample_fn, out_dir=workdir, num_samples=s.num_samples,
-        num_classes=u.num_classes or 1, batch_size=s.batch_size, seed=s.seed,
-        grid_per_class=config.train.grid_per_class,
-        metadata={"sampler": s.sampler, "ddim_steps": s.ddim_steps, "eta": s.eta,
-                  "guidance_scale": s.guidance_scale, "checkpoint_step": meta["step"]},
-        progress_fn=progress)
-    print(f"[sample] {s.num_samples} samples in {summary.samples_dir} "
-          f"({summary.num_generated} chunks generated, {summary.num_reused} reused); "
-          f"grid: {summary.grid_path}", flush=True)
+        sample_fn, out_dir=workdir, num_samples=s.num_samples, num_classes=u.num_classes or 1,
+        batch_size=s.batch_size, seed=s.seed, grid_per_class=config.train.grid_per_class, metadata={
+            "sampler": s.sampler, "ddim_steps": s.ddim_steps, "eta": s.eta,
+            "guidance_scale": s.guidance_scale, "checkpoint_step": meta["step"]
+        }, progress_fn=progress)
+    print(
+        f"[sample] {s.num_samples} samples in {summary.samples_dir} "
+        f"({summary.num_generated} chunks generated, {summary.num_reused} reused); "
+        f"grid: {summary.grid_path}", flush=True)
     if s.image_folder:
         count = sampling.export_image_folder(workdir, s.image_folder, u.num_classes or 1)
         print(f"[sample] wrote {count} PNGs to {s.image_folder}/<class>/", flush=True)

@@ -70,5 +70,3 @@ class SignalFlag:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(self._signum, self._previous)
-
-

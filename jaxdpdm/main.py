@@ -97,9 +97,11 @@ def initialize_distributed() -> None:
 
 
 # errno values of write failures the user fixes outside jaxdpdm.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                       errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                       errno.EPERM: "operation not permitted"}
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted"
+}
 # tensorstore (orbax's array writer) reports OS errors as ValueError("RESOURCE_EXHAUSTED: ...
 # Failed writing: "<path>": ... [os_error_code='28']").
 _TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
@@ -209,8 +211,8 @@ def main(argv) -> int:
     _configure_logging()
     # A quoted "~/runs/x" reaches us unexpanded; it means the home folder, not a folder named "~".
     config, workdir = _CONFIG.value, os.path.expanduser(_WORKDIR.value)
-    not_optional = unset_fields_that_cannot_be_none(config, config_flags.get_override_values(
-        flags.FLAGS["config"]))
+    not_optional = unset_fields_that_cannot_be_none(
+        config, config_flags.get_override_values(flags.FLAGS["config"]))
     if not_optional:
         print(f"error: --config.{not_optional[0]}=None: this field cannot be unset",
               file=sys.stderr)
@@ -239,8 +241,9 @@ def main(argv) -> int:
         return 2
     except KeyboardInterrupt:
         # The trainer has already saved the completed steps (a save in progress is finished).
-        print("interrupted: the completed steps are checkpointed; rerun the same command to "
-              "resume", file=sys.stderr)
+        print(
+            "interrupted: the completed steps are checkpointed; rerun the same command to "
+            "resume", file=sys.stderr)
         return 130
     return 0
 

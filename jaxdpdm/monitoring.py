@@ -87,8 +87,8 @@ class _EventWriter:
         value = self._summary_pb2.Summary.Value
         summary = self._summary_pb2.Summary(
             value=[value(tag=tag, simple_value=number) for tag, number in scalars.items()])
-        self._writer.add_event(self._event_pb2.Event(wall_time=wall_time, step=int(step),
-                                                     summary=summary))
+        self._writer.add_event(
+            self._event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
         self._writer.flush()
 
     def close(self) -> None:
@@ -121,8 +121,8 @@ class GridWriter:
         c, u = experiment.config, experiment.unet_config
         self._rows = u.num_classes or 1
         per_row = c.train.grid_per_class
-        self._labels = (jnp.repeat(jnp.arange(self._rows), per_row) if u.num_classes is not None
-                        else jnp.zeros((per_row,), jnp.int32))
+        self._labels = (jnp.repeat(jnp.arange(self._rows), per_row)
+                        if u.num_classes is not None else jnp.zeros((per_row,), jnp.int32))
         self._key = experiment.sample_key(0)
         self._scale = display_scale(u.image_size)
         self._schedule = experiment.schedule

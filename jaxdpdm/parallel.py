@@ -113,9 +113,9 @@ class DPStep:
     apply: Callable[..., tuple]
     mesh: Mesh
 
-    def __call__(self, params: PyTree, opt_state: PyTree,
-                 chunks: Sequence[tuple[PyTree, Any]], step_key: jax.Array,
-                 extra_sum: PyTree | None = None, *, ema: PyTree | None = None):
+    def __call__(self, params: PyTree, opt_state: PyTree, chunks: Sequence[tuple[PyTree, Any]],
+                 step_key: jax.Array, extra_sum: PyTree | None = None, *,
+                 ema: PyTree | None = None):
         """Runs one logical batch given as chunks `[(batch, mask), ...]` of identical shapes.
 
         `grad_sum` adds the chunks' sums; noise is added ONCE (in `apply`), so splitting a Poisson
@@ -224,10 +224,9 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
                                num_nonfinite=jax.lax.psum(stats.num_nonfinite, DATA_AXIS))
         return grad_sum, stats
 
-    sharded_sum = jax.shard_map(
-        device_sum, mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
-        out_specs=(P(), ClipStats(P(DATA_AXIS), P(DATA_AXIS), P(), P())))
+    sharded_sum = jax.shard_map(device_sum, mesh=mesh,
+                                in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+                                out_specs=(P(), ClipStats(P(DATA_AXIS), P(DATA_AXIS), P(), P())))
 
     @jax.jit
     def accumulate(params, batch, mask, step_key):
@@ -246,8 +245,10 @@ def make_dp_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, 
         if trainable is not None:  # a static, per-leaf choice: frozen leaves are the old arrays
             flags = jax.tree.leaves(trainable_mask(params, trainable))
             leaves, treedef = jax.tree.flatten(new_params)
-            new_params = treedef.unflatten([new if flag else old for new, old, flag in zip(
-                leaves, jax.tree.leaves(params), flags)])
+            new_params = treedef.unflatten([
+                new if flag else old
+                for new, old, flag in zip(leaves, jax.tree.leaves(params), flags)
+            ])
         ema = _ema_or_refuse(ema, new_params, ema_decay)
         return (new_params, opt_state) if ema is None else (new_params, opt_state, ema)
 
@@ -259,8 +260,8 @@ def _l2_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_pretrain_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                       mesh: Mesh, ema_decay: float | None = None) -> Callable:
+def make_pretrain_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, mesh: Mesh,
+                       ema_decay: float | None = None) -> Callable:
     """Builds the non-private data-parallel step (mean gradient, no clipping, no noise).
 
     Returns:
@@ -270,6 +271,7 @@ def make_pretrain_step(loss_fn: Callable, optimizer: optax.GradientTransformatio
       update, "grad_norm" the global L2 norm of the mean gradient. Given `ema` (needs
       `ema_decay`), the EMA updated in the same program is returned last.
     """
+
     def device_mean(params, batch, step_key):
         local_size = jax.tree.leaves(batch)[0].shape[0]
         keys = _local_keys(step_key, batch, local_size)

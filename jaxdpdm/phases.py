@@ -77,8 +77,10 @@ def describe_initial_model(init_from: str | None) -> dict | None:
         meta = store.restore_meta(step)
     finally:
         store.close()
-    return {"workdir": init_from, "phase": meta.get("phase"), "steps": step,
-            "num_examples": meta.get("num_examples"), "dataset": meta.get("dataset")}
+    return {
+        "workdir": init_from, "phase": meta.get("phase"), "steps": step,
+        "num_examples": meta.get("num_examples"), "dataset": meta.get("dataset")
+    }
 
 
 def train_in_phases(config, workdir: str, train_one):

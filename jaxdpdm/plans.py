@@ -40,18 +40,17 @@ def adamw(train_config) -> optax.GradientTransformation:
     """AdamW with a linear warmup from 0 to `learning_rate`, then constant."""
     t = train_config
     lr = optax.warmup_constant_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1))
-    return optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                       weight_decay=t.weight_decay)
+    return optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay)
 
 
 def calibrated_noise_multiplier(config, sampling_rate: float,
                                 ledger: accounting.PrivacyLedger) -> float:
     """The sigma that spends exactly the target over the steps left to `train.num_steps`."""
     # (no num_examples: the ledger already warned if delta >= 1/N; the report states it)
-    return accounting.calibrate_noise_multiplier(
-        target_epsilon=config.dp.target_epsilon, delta=config.dp.delta,
-        sampling_rate=sampling_rate, steps=config.train.num_steps - ledger.total_steps,
-        accountant=config.dp.accountant)
+    return accounting.calibrate_noise_multiplier(target_epsilon=config.dp.target_epsilon,
+                                                 delta=config.dp.delta, sampling_rate=sampling_rate,
+                                                 steps=config.train.num_steps - ledger.total_steps,
+                                                 accountant=config.dp.accountant)
 
 
 def _local(rows: np.ndarray) -> np.ndarray:
@@ -105,8 +104,8 @@ class PretrainPlan:
     def describe(self) -> None:
         """Nothing beyond the trainer's own start line."""
 
-    def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict],
-               workdir: str, is_lead: bool) -> None:
+    def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict], workdir: str,
+               is_lead: bool) -> None:
         del params, stopped_by_budget, earlier_releases, workdir, is_lead
 
 
@@ -128,10 +127,11 @@ class DPPlan:
         self.config, self.exp, self.canaries = config, exp, canaries
         self.seed_fixed = resumption.seed_fixed
         if self.seed_fixed:
-            log.warning("*** DP run with a FIXED seed (seed=%d from the config): the DP noise "
-                        "and batches are reproducible by anyone who has the config, and the "
-                        "guarantee does not hold against them. Unset it (--config.seed=None) "
-                        "for private data. The privacy report records this. ***", config.seed)
+            log.warning(
+                "*** DP run with a FIXED seed (seed=%d from the config): the DP noise "
+                "and batches are reproducible by anyone who has the config, and the "
+                "guarantee does not hold against them. Unset it (--config.seed=None) "
+                "for private data. The privacy report records this. ***", config.seed)
         n = len(exp.dataset)
         self.sampling_rate = t.batch_size / n
         self.expected_batch_size = t.batch_size
@@ -151,20 +151,20 @@ class DPPlan:
         # scanned per-example gradients ran ~10x slower per example (measured: 259 vs 23 ms at
         # 16x16, K=4).
         self.chunk_size = mesh.devices.size * t.microbatch_size
-        self.mask = (None if p.trainable is None else
-                     trainable_mask(jax.eval_shape(exp.init_params), p.trainable))
+        self.mask = (None if p.trainable is None else trainable_mask(
+            jax.eval_shape(exp.init_params), p.trainable))
         self.optimizer = optax.chain(
             dp_aggregate(clip_norm=p.clip_norm, noise_multiplier=self.noise_multiplier,
                          expected_batch_size=self.expected_batch_size, seed=config.seed,
                          trainable=self.mask),
-            *([canaries.release_tap(noise_multiplier=self.noise_multiplier,
-                                    sampling_rate=self.sampling_rate,
-                                    expected_batch_size=self.expected_batch_size)]
-              if canaries is not None else []),
-            adamw(t))
-        self.step_fn = parallel.make_dp_step(
-            exp.loss_fn, self.optimizer, clip_norm=p.clip_norm, microbatch_size=t.microbatch_size,
-            mesh=mesh, trainable=self.mask, ema_decay=t.ema_decay)
+            *([
+                canaries.release_tap(noise_multiplier=self.noise_multiplier,
+                                     sampling_rate=self.sampling_rate,
+                                     expected_batch_size=self.expected_batch_size)
+            ] if canaries is not None else []), adamw(t))
+        self.step_fn = parallel.make_dp_step(exp.loss_fn, self.optimizer, clip_norm=p.clip_norm,
+                                             microbatch_size=t.microbatch_size, mesh=mesh,
+                                             trainable=self.mask, ema_decay=t.ema_decay)
 
     def run_step(self, state: dict, step: int, key: jax.Array) -> tuple[Any, Any, Any, Metrics]:
         """`(params, opt_state, ema_params, fetch_metrics)` after step `step` from `state`."""
@@ -175,8 +175,8 @@ class DPPlan:
             selected, extra_sum = self.canaries.route(selected)
         host_chunks = batching.split_into_chunks(selected, self.chunk_size)
         chunks = [(_host_batch(self.exp, idx), _local(m)) for idx, m in host_chunks]
-        params, opt_state, stats, ema = self.step_fn(
-            state["params"], state["opt_state"], chunks, key, extra_sum, ema=state["ema_params"])
+        params, opt_state, stats, ema = self.step_fn(state["params"], state["opt_state"], chunks,
+                                                     key, extra_sum, ema=state["ema_params"])
         real_rows = np.concatenate([m for _, m in host_chunks])
         return params, opt_state, ema, functools.partial(_clip_metrics, stats, real_rows)
 
@@ -195,22 +195,22 @@ class DPPlan:
 
     def describe(self) -> None:
         c = self.config
-        log.info("DP: sigma=%.4f (%s), q=%.5f, expected batch %d, chunk %d, clip %.3g, K=%d, "
-                 "target eps=%.3g at delta=%.2g over %d steps", self.noise_multiplier,
-                 "calibrated" if self.calibrated else "given", self.sampling_rate,
-                 self.expected_batch_size, self.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
-                 c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
+        log.info(
+            "DP: sigma=%.4f (%s), q=%.5f, expected batch %d, chunk %d, clip %.3g, K=%d, "
+            "target eps=%.3g at delta=%.2g over %d steps", self.noise_multiplier,
+            "calibrated" if self.calibrated else "given", self.sampling_rate,
+            self.expected_batch_size, self.chunk_size, c.dp.clip_norm, c.diffusion.augmult,
+            c.dp.target_epsilon, c.dp.delta, c.train.num_steps)
 
-    def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict],
-               workdir: str, is_lead: bool) -> dict[str, Any]:
+    def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict], workdir: str,
+               is_lead: bool) -> dict[str, Any]:
         """The privacy report of the run (written to `workdir` by the lead process)."""
-        report = privacy_report(
-            self.ledger, config=self.config, num_examples=len(self.exp.dataset),
-            num_params=count_params(params), num_trainable=count_params(params, self.mask),
-            dataset=self.exp.dataset.summary(), stopped_by_budget=stopped_by_budget,
-            calibrated=self.calibrated, seed_fixed=self.seed_fixed,
-            earlier_releases=earlier_releases,
-            initial_model=phases.describe_initial_model(self.config.init_from))
+        report = privacy_report(self.ledger, config=self.config, num_examples=len(self.exp.dataset),
+                                num_params=count_params(params), num_trainable=count_params(
+                                    params, self.mask), dataset=self.exp.dataset.summary(),
+                                stopped_by_budget=stopped_by_budget, calibrated=self.calibrated,
+                                seed_fixed=self.seed_fixed, earlier_releases=earlier_releases,
+                                initial_model=phases.describe_initial_model(self.config.init_from))
         if is_lead:
             write_privacy_report(workdir, report)
         return report
@@ -236,10 +236,11 @@ def _clip_metrics(stats, mask: np.ndarray) -> dict[str, float]:
     norms = norms[np.isfinite(norms)]  # a non-finite gradient was zeroed (and counted)
     losses = parallel.to_host(stats.losses)[mask]
     batch_size = int(mask.sum())
-    metrics = {"batch_size": float(batch_size),
-               "num_clipped": float(stats.num_clipped),
-               "num_nonfinite": float(stats.num_nonfinite),
-               "fraction_clipped": float(stats.num_clipped) / max(batch_size, 1)}
+    metrics = {
+        "batch_size": float(batch_size), "num_clipped": float(stats.num_clipped),
+        "num_nonfinite": float(stats.num_nonfinite),
+        "fraction_clipped": float(stats.num_clipped) / max(batch_size, 1)
+    }
     if norms.size:
         for q in (10, 50, 90):
             metrics[f"grad_norm_p{q}"] = float(np.percentile(norms, q))

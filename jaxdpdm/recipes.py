@@ -76,6 +76,7 @@ def parse_arg(arg: str | None, *, name: str, **defaults) -> ml_collections.Confi
 
 # --- the paper's model and DP fine-tuning -------------------------------------------------------
 
+
 def paper_unet(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Sets `config.model` to the paper-scale (>80M parameter) class-conditional UNet.
 

@@ -78,8 +78,8 @@ def check_workdir(store: CheckpointStore, config, workdir: str,
     if config.phase == "dp":
         ledger = resumed_ledger(meta["ledger"], config)
         sigma = resumed_noise_multiplier(meta["noise_multiplier"], config)
-    return Resumption(latest, with_seed(config, meta.get("seed")), meta.get("seed_fixed"),
-                      ledger, sigma, meta=meta)
+    return Resumption(latest, with_seed(config, meta.get("seed")), meta.get("seed_fixed"), ledger,
+                      sigma, meta=meta)
 
 
 def check_init_from(config) -> None:
@@ -106,9 +106,9 @@ def check_init_from(config) -> None:
     finally:
         store.close()
     mine = config.data
-    if source["name"] == mine.name and (
-            source["subset"] != "public" or source["public_fraction"] != mine.public_fraction
-            or source["split_seed"] != mine.split_seed):
+    if source["name"] == mine.name and (source["subset"] != "public" or
+                                        source["public_fraction"] != mine.public_fraction or
+                                        source["split_seed"] != mine.split_seed):
         raise ValueError(
             f"init_from={config.init_from!r} was trained on {source['name']} subset "
             f"{source['subset']!r} (public_fraction={source['public_fraction']}, "
@@ -142,8 +142,8 @@ def resumed_noise_multiplier(stored: float, config) -> float:
 
 def meta_problem(meta: dict) -> str | None:
     """Why a checkpoint's metadata cannot resume a run (None when it can)."""
-    needed = ["phase", "seed", "config"] + (["ledger", "noise_multiplier"]
-                                            if meta.get("phase") == "dp" else [])
+    needed = ["phase", "seed", "config"
+             ] + (["ledger", "noise_multiplier"] if meta.get("phase") == "dp" else [])
     missing = [key for key in needed if key not in meta]
     return f"its metadata lacks {', '.join(missing)}" if missing else None
 
@@ -161,9 +161,10 @@ def refuse_spent_workdir(workdir: str, allow_restart: bool) -> list[str]:
             "seed and spend the budget a second time. Use a new workdir, or pass "
             "--allow_restart_spent_workdir to start over here (the new privacy report then "
             "states the earlier release)")
-    log.warning("starting over in %s although it holds traces of an earlier DP run (%s): the "
-                "new privacy report states the earlier release(s) and their composition",
-                workdir, ", ".join(traces))
+    log.warning(
+        "starting over in %s although it holds traces of an earlier DP run (%s): the "
+        "new privacy report states the earlier release(s) and their composition", workdir,
+        ", ".join(traces))
     return traces
 
 
@@ -175,8 +176,9 @@ def check_same_data(meta: dict, fingerprint: dict) -> None:
             raise ValueError(f"the training data have {fingerprint['num_examples']} examples, "
                              f"the checkpoint's had {meta.get('num_examples')}: a run's data "
                              "cannot change on resume (use a new workdir)")
-        log.warning("the checkpoint predates dataset fingerprints: only the number of examples "
-                    "(%d) was checked, not the content", fingerprint["num_examples"])
+        log.warning(
+            "the checkpoint predates dataset fingerprints: only the number of examples "
+            "(%d) was checked, not the content", fingerprint["num_examples"])
         return
     mismatch = fingerprint_mismatch(saved, fingerprint)
     if mismatch:

@@ -168,8 +168,9 @@ def ddim_sample(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, ke
     steps = ddim_timesteps(schedule.num_timesteps, num_steps)
     timesteps = jnp.asarray(steps)
     abar = schedule.alphas_cumprod[timesteps]
-    abar_prev = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]],
-                                 jnp.ones((1,), abar.dtype)])  # after the last step: abar = 1
+    abar_prev = jnp.concatenate(
+        [schedule.alphas_cumprod[timesteps[1:]],
+         jnp.ones((1,), abar.dtype)])  # after the last step: abar = 1
     batch = labels.shape[0]
     init_key, step_key = jax.random.split(key)
     x_init = jax.random.normal(init_key, (batch, *image_shape), jnp.float32)
@@ -185,7 +186,7 @@ def ddim_sample(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, ke
             eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
         a_t, a_s = abar[i], abar_prev[i]
         sigma = eta * jnp.sqrt((1.0 - a_s) / (1.0 - a_t)) * jnp.sqrt(1.0 - a_t / a_s)
-        direction = jnp.sqrt(jnp.maximum(1.0 - a_s - sigma ** 2, 0.0))
+        direction = jnp.sqrt(jnp.maximum(1.0 - a_s - sigma**2, 0.0))
         x_prev = jnp.sqrt(a_s) * x0 + direction * eps
         if eta > 0:
             noise = jax.random.normal(jax.random.fold_in(step_key, t), x.shape, x.dtype)
@@ -195,11 +196,11 @@ def ddim_sample(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule, ke
     return lax.fori_loop(0, steps.shape[0], body, x_init)
 
 
-def make_sampler(model_fn: ModelFn, schedule: diffusion.Schedule, *,
-                 image_shape: tuple[int, int, int], method: str = "ddim",
-                 num_steps: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
-                 null_label: int | None = None, clip_denoised: bool = True,
-                 ddpm_variance: str = "posterior") -> Sampler:
+def make_sampler(model_fn: ModelFn, schedule: diffusion.Schedule, *, image_shape: tuple[int, int,
+                                                                                        int],
+                 method: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
+                 guidance_scale: float = 0.0, null_label: int | None = None,
+                 clip_denoised: bool = True, ddpm_variance: str = "posterior") -> Sampler:
     """Validates the settings and binds them to a model: a pure, jittable sampler
     `sample(params, schedule, key, labels i32[B]) -> f32[B,H,W,C]` in [-1, 1].
 
@@ -280,11 +281,12 @@ def make_sample_fn(model_fn: ModelFn, params: Any, schedule: diffusion.Schedule,
 # ----------------------------------------------------------------------------------------------
 # Resumable generation to disk.
 
+
 class GenerationSummary(NamedTuple):
     samples_dir: str
     num_chunks: int
-    num_generated: int   # chunks sampled in this call
-    num_reused: int      # valid chunks found on disk and kept
+    num_generated: int  # chunks sampled in this call
+    num_reused: int  # valid chunks found on disk and kept
     grid_path: str | None
 
 
@@ -372,14 +374,16 @@ def generate_samples(sample_fn: SampleFn, *, out_dir: str | os.PathLike, num_sam
       progress_fn: called as `progress_fn(chunk_index, num_chunks)` after each chunk is written;
         an exception raised there stops generation (the chunk is already saved).
     """
-    for name, value in (("num_samples", num_samples), ("num_classes", num_classes),
-                        ("batch_size", batch_size)):
+    for name, value in (("num_samples", num_samples), ("num_classes", num_classes), ("batch_size",
+                                                                                     batch_size)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     samples_dir = os.path.join(os.fspath(out_dir), "samples")
     os.makedirs(samples_dir, exist_ok=True)
-    meta = {"num_samples": int(num_samples), "num_classes": int(num_classes),
-            "batch_size": int(batch_size), "seed": int(seed), **(metadata or {})}
+    meta = {
+        "num_samples": int(num_samples), "num_classes": int(num_classes),
+        "batch_size": int(batch_size), "seed": int(seed), **(metadata or {})
+    }
     _check_or_write_meta(samples_dir, json.loads(json.dumps(meta)))
 
     labels = balanced_labels(num_samples, num_classes, seed)
@@ -390,9 +394,9 @@ def generate_samples(sample_fn: SampleFn, *, out_dir: str | os.PathLike, num_sam
         chunk_labels = labels[chunk * batch_size:(chunk + 1) * batch_size]
         path = chunk_path(out_dir, chunk)
         existing = _read_chunk(path)
-        if (existing is not None and existing[0].dtype == np.uint8 and existing[0].ndim == 4
-                and existing[0].shape[0] == chunk_labels.shape[0]
-                and np.array_equal(existing[1], chunk_labels)):
+        if (existing is not None and existing[0].dtype == np.uint8 and existing[0].ndim == 4 and
+                existing[0].shape[0] == chunk_labels.shape[0] and
+                np.array_equal(existing[1], chunk_labels)):
             reused += 1
             continue
         if os.path.exists(path):
@@ -431,8 +435,8 @@ def _save_class_grid(out_dir, grid_path: str, rows: int, per_row: int) -> None:
 def iter_sample_chunks(out_dir: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields `(images uint8[n,H,W,C], labels int32[n])` of each chunk in `out_dir/samples`."""
     samples_dir = os.path.join(os.fspath(out_dir), "samples")
-    names = sorted(n for n in os.listdir(samples_dir)
-                   if n.startswith("chunk_") and n.endswith(".npz"))
+    names = sorted(
+        n for n in os.listdir(samples_dir) if n.startswith("chunk_") and n.endswith(".npz"))
     for name in names:
         chunk = _read_chunk(os.path.join(samples_dir, name))
         if chunk is None:
@@ -509,8 +513,11 @@ def export_image_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(folder, exist_ok=True)
     with open(marker, "w") as f:
-        json.dump({"samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
-                   "num_images": int(len(images)), "num_classes": int(num_classes)}, f)
+        json.dump(
+            {
+                "samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
+                "num_images": int(len(images)), "num_classes": int(num_classes)
+            }, f)
     class_width = len(str(max(num_classes - 1, 0)))
     index_width = max(5, len(str(len(images) - 1)))
     for label in range(num_classes):

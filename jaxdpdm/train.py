@@ -126,9 +126,11 @@ class Trainer:
         if latest is None and c.init_from is not None:
             params = load_init_params(c.init_from, params, c.init_reinit)
             log.info("initialised from the EMA parameters in %s", c.init_from)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "ema_params": jax.tree.map(jnp.copy, params),
-                 "opt_state": self.plan.optimizer.init(params)}
+        state = {
+            "step": jnp.zeros(
+                (), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
+            "opt_state": self.plan.optimizer.init(params)
+        }
         state = parallel.replicate(state, self.mesh)
         if latest is not None:
             state, _ = self.store.restore(state, latest)  # proven restorable above
@@ -139,11 +141,13 @@ class Trainer:
         self._failed_save_step = None  # a step whose checkpoint write raised (never retried)
 
     def _meta(self) -> dict:
-        meta = {"config": self.config.to_json(), "phase": self.config.phase,
-                "seed": self.config.seed, "num_classes": self.exp.dataset.num_classes,
-                "unet": _jsonable(dataclasses.asdict(self.exp.unet_config)),
-                "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset),
-                "dataset_fingerprint": self.fingerprint, "seed_fixed": self.seed_fixed}
+        meta = {
+            "config": self.config.to_json(), "phase": self.config.phase, "seed": self.config.seed,
+            "num_classes": self.exp.dataset.num_classes,
+            "unet": _jsonable(dataclasses.asdict(self.exp.unet_config)),
+            "dataset": self.exp.dataset.summary(), "num_examples": len(self.exp.dataset),
+            "dataset_fingerprint": self.fingerprint, "seed_fixed": self.seed_fixed
+        }
         return {**meta, **self.plan.meta()}
 
     def save(self):
@@ -174,10 +178,12 @@ class Trainer:
         The metrics are fetched only when they are logged: reading them waits for the device,
         which would otherwise stall the dispatch of the next step on an accelerator.
         """
-        params, opt_state, ema, metrics = self.plan.run_step(
-            self.state, self.step, self.exp.example_key(self.step))
-        new_state = {"step": jnp.asarray(self.step + 1, jnp.int32), "params": params,
-                     "ema_params": ema, "opt_state": opt_state}
+        params, opt_state, ema, metrics = self.plan.run_step(self.state, self.step,
+                                                             self.exp.example_key(self.step))
+        new_state = {
+            "step": jnp.asarray(self.step + 1, jnp.int32), "params": params, "ema_params": ema,
+            "opt_state": opt_state
+        }
         # Commit the step: ledger first, then state, with nothing in between that can fail. An
         # interrupt landing between the two lines leaves the ledger one step AHEAD of the state,
         # which over-counts the spent budget (safe), never under-counts it.
@@ -273,8 +279,10 @@ class Trainer:
 
 
 def _jsonable(d):
-    return {k: (str(v) if not isinstance(v, (int, float, str, bool, list, tuple, type(None)))
-                else v) for k, v in d.items()}
+    return {
+        k: (str(v) if not isinstance(v, (int, float, str, bool, list, tuple, type(None))) else v)
+        for k, v in d.items()
+    }
 
 
 def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) -> dict[str, Any]:
@@ -283,6 +291,7 @@ def train(config, workdir: str, *, allow_restart_spent_workdir: bool = False) ->
     With `config.pretrain.num_steps > 0`, first pretrains on the public part in
     `workdir/pretrain` (`jaxdpdm.phases`).
     """
+
     def train_one(one_config, one_workdir):
         return Trainer(one_config, one_workdir,
                        allow_restart_spent_workdir=allow_restart_spent_workdir).run()

@@ -62,10 +62,11 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         self.workdir = storage.normalize(workdir)
         self.path = storage.join(self.workdir, LOCK_NAME)
-        self._record = {"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                            timespec="seconds"),
-                        "command": " ".join(sys.argv), "token": secrets.token_hex(8)}
+        self._record = {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "token": secrets.token_hex(8)
+        }
         self.held = False
         self._previous_sigterm = None
 
@@ -123,11 +124,12 @@ class WorkdirLock:
                 if holder is None:  # released between our create and our read: try again
                     continue
                 if holder.get("host") == self._record["host"] and isinstance(
-                        holder.get("pid"), int) and (holder["pid"] == os.getpid()
-                                                     or not _pid_alive(holder["pid"])):
-                    log.warning("taking over the workdir lock of %s (%s)", _holder_text(holder),
-                                "this process" if holder["pid"] == os.getpid() else
-                                "stale: no such process")
+                        holder.get("pid"), int) and (holder["pid"] == os.getpid() or
+                                                     not _pid_alive(holder["pid"])):
+                    log.warning(
+                        "taking over the workdir lock of %s (%s)", _holder_text(holder),
+                        "this process"
+                        if holder["pid"] == os.getpid() else "stale: no such process")
                     os.remove(self.path)
                     continue
                 self._refuse(holder)
@@ -140,8 +142,9 @@ class WorkdirLock:
         holder = self._read()
         if holder is not None:
             self._refuse(holder)
-        log.info("workdir lock %s: best-effort on an object store (check, then write; not "
-                 "atomic)", self.path)
+        log.info(
+            "workdir lock %s: best-effort on an object store (check, then write; not "
+            "atomic)", self.path)
         storage.write_text(self.path, json.dumps(self._record) + "\n")
 
     def _exit_on_sigterm(self) -> None:

@@ -108,8 +108,9 @@ def main_command(python: str, *, config: str, workdir: str, mode: str = "train",
     """The `python -m jaxdpdm.main ...` argv (one process; a multi-host run starts one per host)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    argv = [python, "-m", MAIN_MODULE, f"--config={config}", f"--workdir={workdir}",
-            f"--mode={mode}"]
+    argv = [
+        python, "-m", MAIN_MODULE, f"--config={config}", f"--workdir={workdir}", f"--mode={mode}"
+    ]
     if multihost:
         argv.append("--multihost")
     return argv + check_overrides(overrides)
@@ -158,8 +159,9 @@ def run_plan(phases: Sequence[Phase], *, poll_interval_s: float = 30.0,
             print(f"+ {shlex.join(argv)}", flush=True)
             result = runner(list(argv))
             if result.returncode != 0:
-                raise LaunchError(f"command failed with exit status {result.returncode}: "
-                                  f"{shlex.join(argv)}", result.returncode)
+                raise LaunchError(
+                    f"command failed with exit status {result.returncode}: "
+                    f"{shlex.join(argv)}", result.returncode)
 
 
 def _poll(step: Phase, *, poll_interval_s, runner, sleep) -> None:

@@ -72,9 +72,11 @@ def log_path(workdir: str) -> pathlib.Path:
 
 def format_dry_run(argv: list[str], log: pathlib.Path) -> str:
     """What `--dry-run` prints: the same pipeline as a shell would run it."""
-    return "\n".join([f"# run on this node; output appended to {log}",
-                      shlex.join(["mkdir", "-p", str(log.parent)]),
-                      f"{shlex.join(argv)} 2>&1 | tee -a {shlex.quote(str(log))}"])
+    return "\n".join([
+        f"# run on this node; output appended to {log}",
+        shlex.join(["mkdir", "-p", str(log.parent)]),
+        f"{shlex.join(argv)} 2>&1 | tee -a {shlex.quote(str(log))}"
+    ])
 
 
 def run_teed(argv: list[str], log: pathlib.Path) -> int:
@@ -108,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_run_arguments(parser)
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: all visible)")
     memory = parser.add_mutually_exclusive_group()
-    memory.add_argument("--mem-fraction", type=float, default=DEFAULT_MEM_FRACTION,
-                        help=f"fraction of each GPU to preallocate (default {DEFAULT_MEM_FRACTION})")
+    memory.add_argument(
+        "--mem-fraction", type=float, default=DEFAULT_MEM_FRACTION,
+        help=f"fraction of each GPU to preallocate (default {DEFAULT_MEM_FRACTION})")
     memory.add_argument("--no-preallocate", action="store_true",
                         help="allocate GPU memory on demand instead of preallocating")
     parser.add_argument("--python", default=sys.executable,
@@ -132,10 +135,11 @@ def main(argv=None) -> int:
         gpus = parse_gpus(args.gpus) if args.gpus is not None else None
         # Absolute: the program runs from the repository root, wherever the launcher was started.
         workdir = os.path.abspath(args.workdir)
-        argv = run_command(python=args.python, config=common.repo_config_path(args.config),
-                           workdir=workdir, mode=args.mode, overrides=overrides,
-                           env=gpu_env(gpus=gpus, mem_fraction=args.mem_fraction,
-                                       preallocate=not args.no_preallocate))
+        argv = run_command(
+            python=args.python, config=common.repo_config_path(args.config), workdir=workdir,
+            mode=args.mode, overrides=overrides, env=gpu_env(gpus=gpus,
+                                                             mem_fraction=args.mem_fraction,
+                                                             preallocate=not args.no_preallocate))
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:

@@ -99,53 +99,46 @@ def srun_command(job: SlurmJob) -> list[str]:
 
 def sbatch_script(job: SlurmJob) -> str:
     """The full sbatch script text."""
-    gpus = (f"--gres=gpu:{job.gpus_per_node}" if job.use_gres
-            else f"--gpus-per-node={job.gpus_per_node}")
-    directives = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-                  gpus, f"--time={job.time}"]
-    for flag, value in (("partition", job.partition), ("account", job.account),
-                        ("qos", job.qos), ("cpus-per-task", job.cpus_per_task)):
+    gpus = (f"--gres=gpu:{job.gpus_per_node}"
+            if job.use_gres else f"--gpus-per-node={job.gpus_per_node}")
+    directives = [
+        f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1", gpus,
+        f"--time={job.time}"
+    ]
+    for flag, value in (("partition", job.partition), ("account", job.account), ("qos", job.qos),
+                        ("cpus-per-task", job.cpus_per_task)):
         if value:
             directives.append(f"--{flag}={value}")
-    directives += [f"--output={job.log_dir}/%x-%j.out", "--open-mode=append", "--requeue",
-                   f"--signal=B:USR1@{job.requeue_grace_s}", "--dependency=singleton",
-                   *job.sbatch_args]
+    directives += [
+        f"--output={job.log_dir}/%x-%j.out", "--open-mode=append", "--requeue",
+        f"--signal=B:USR1@{job.requeue_grace_s}", "--dependency=singleton", *job.sbatch_args
+    ]
     local_gpus = ",".join(str(i) for i in range(job.gpus_per_node))
-    lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
-             "# Written by launch/slurm.py. A requeued or resubmitted job resumes from the newest",
-             "# checkpoint in the workdir.",
-             "set -uo pipefail",
-             f"cd {shlex.quote(str(common.REPO_ROOT))}",
-             *job.setup,
-             "# One process per node sees all its GPUs. jax.distributed.initialize() takes the",
-             "# coordinator, process count and process id from SLURM, but would also limit each",
-             "# process to the single GPU numbered SLURM_LOCALID (one process per GPU is its",
-             "# default); naming all local GPUs keeps them.",
-             f"export JAX_LOCAL_DEVICE_IDS={local_gpus}",
-             f"export XLA_PYTHON_CLIENT_MEM_FRACTION={job.mem_fraction:g}",
-             "export PYTHONUNBUFFERED=1",
-             "",
-             "requeue_before_time_limit() {",
-             f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {job.max_requeues} ]; then',
-             f'    echo "$(date): time limit near; already requeued {job.max_requeues} times, '
-             'stopping here"',
-             "    return",
-             "  fi",
-             '  echo "$(date): time limit near: requeueing job $SLURM_JOB_ID; it resumes from the '
-             'newest checkpoint"',
-             '  scontrol requeue "$SLURM_JOB_ID"',
-             "}",
-             "trap requeue_before_time_limit USR1",
-             "",
-             'echo "$(date): job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
-             '$SLURM_JOB_NODELIST"',
-             "# In the background: bash runs a trap only once the foreground command returns, and",
-             "# `wait` returns as soon as a trapped signal arrives.",
-             f"{shlex.join(srun_command(job))} &",
-             'wait "$!"',
-             "status=$?",
-             'echo "$(date): srun exited with status $status"',
-             'exit "$status"']
+    lines = [
+        "#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
+        "# Written by launch/slurm.py. A requeued or resubmitted job resumes from the newest",
+        "# checkpoint in the workdir.", "set -uo pipefail",
+        f"cd {shlex.quote(str(common.REPO_ROOT))}", *job.setup,
+        "# One process per node sees all its GPUs. jax.distributed.initialize() takes the",
+        "# coordinator, process count and process id from SLURM, but would also limit each",
+        "# process to the single GPU numbered SLURM_LOCALID (one process per GPU is its",
+        "# default); naming all local GPUs keeps them.",
+        f"export JAX_LOCAL_DEVICE_IDS={local_gpus}",
+        f"export XLA_PYTHON_CLIENT_MEM_FRACTION={job.mem_fraction:g}", "export PYTHONUNBUFFERED=1",
+        "", "requeue_before_time_limit() {",
+        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {job.max_requeues} ]; then',
+        f'    echo "$(date): time limit near; already requeued {job.max_requeues} times, '
+        'stopping here"', "    return", "  fi",
+        '  echo "$(date): time limit near: requeueing job $SLURM_JOB_ID; it resumes from the '
+        'newest checkpoint"', '  scontrol requeue "$SLURM_JOB_ID"', "}",
+        "trap requeue_before_time_limit USR1", "",
+        'echo "$(date): job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
+        '$SLURM_JOB_NODELIST"',
+        "# In the background: bash runs a trap only once the foreground command returns, and",
+        "# `wait` returns as soon as a trapped signal arrives.",
+        f"{shlex.join(srun_command(job))} &", 'wait "$!"', "status=$?",
+        'echo "$(date): srun exited with status $status"', 'exit "$status"'
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -167,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qos")
     parser.add_argument("--cpus-per-task", type=int, help="CPUs for each node's process")
     parser.add_argument("--job-name", help="default: jaxdpdm-<workdir basename>")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter with jaxdpdm installed, on the shared filesystem "
-                             "(default: this one)")
+    parser.add_argument(
+        "--python", default=sys.executable,
+        help="interpreter with jaxdpdm installed, on the shared filesystem "
+        "(default: this one)")
     parser.add_argument("--mem-fraction", type=float, default=0.9,
                         help="XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9)")
     parser.add_argument("--requeue-grace", type=int, default=120,

@@ -35,9 +35,13 @@ ACTIONS = ("launch", "logs", "stop", "collect", "delete")
 
 # Recommended TPU software versions for JAX by TPU generation (Cloud TPU "TPU software versions").
 RUNTIME_BY_GENERATION = {
-    "v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite", "v5e": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e",
+    "v2": "tpu-ubuntu2204-base",
+    "v3": "tpu-ubuntu2204-base",
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5e": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
 }
 _ACCELERATOR_TYPE = re.compile(r"^(v\d+[a-z]*)-(\d+)$")
 _TPU_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -54,11 +58,15 @@ _PID_FILE = f'"{REMOTE_RUN_DIR}/run.pid"'
 
 # Resource states (`state` of a TPU VM node, `state.state` of a queued resource), by what to do.
 _STATES = {
-    False: {"ready": {"READY"}, "pending": {"CREATING", "STARTING", "RESTARTING", "REPAIRING"},
-            "dead": {"PREEMPTED", "TERMINATED"}, "stopped": {"STOPPED"}},
-    True: {"ready": {"ACTIVE"},
-           "pending": {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"},
-           "dead": {"FAILED", "SUSPENDING", "SUSPENDED"}, "stopped": set()},
+    False: {
+        "ready": {"READY"}, "pending": {"CREATING", "STARTING", "RESTARTING", "REPAIRING"},
+        "dead": {"PREEMPTED", "TERMINATED"}, "stopped": {"STOPPED"}
+    },
+    True: {
+        "ready": {"ACTIVE"},
+        "pending": {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"},
+        "dead": {"FAILED", "SUSPENDING", "SUSPENDED"}, "stopped": set()
+    },
 }
 
 
@@ -86,12 +94,14 @@ def default_runtime_version(accelerator_type: str, requested: str | None = None)
     """`requested`, else the JAX-recommended TPU software version for e.g. "v4-32"."""
     match = _ACCELERATOR_TYPE.match(accelerator_type)
     if not match:
-        raise ValueError(f"--accelerator-type {accelerator_type!r} is not like v4-32 or v5litepod-16")
+        raise ValueError(
+            f"--accelerator-type {accelerator_type!r} is not like v4-32 or v5litepod-16")
     if requested:
         return requested
     generation = match.group(1)
     if generation not in RUNTIME_BY_GENERATION:
-        raise ValueError(f"no default TPU software version for {generation}; pass --runtime-version")
+        raise ValueError(
+            f"no default TPU software version for {generation}; pass --runtime-version")
     return RUNTIME_BY_GENERATION[generation]
 
 
@@ -112,13 +122,15 @@ def describe_command(job: TpuJob) -> list[str]:
 
 def create_command(job: TpuJob) -> list[str]:
     if job.queued:
-        argv = _resource(job) + ["create", job.name, *_where(job), f"--node-id={job.name}",
-                                 f"--accelerator-type={job.accelerator_type}",
-                                 f"--runtime-version={job.runtime_version}"]
+        argv = _resource(job) + [
+            "create", job.name, *_where(job), f"--node-id={job.name}",
+            f"--accelerator-type={job.accelerator_type}", f"--runtime-version={job.runtime_version}"
+        ]
     else:
-        argv = _resource(job) + ["create", job.name, *_where(job),
-                                 f"--accelerator-type={job.accelerator_type}",
-                                 f"--version={job.runtime_version}"]
+        argv = _resource(job) + [
+            "create", job.name, *_where(job), f"--accelerator-type={job.accelerator_type}",
+            f"--version={job.runtime_version}"
+        ]
     return argv + (["--spot"] if job.spot else [])
 
 
@@ -129,8 +141,10 @@ def delete_command(job: TpuJob, *, quiet: bool) -> list[str]:
 
 
 def _ssh(job: TpuJob, script: str, worker: str = "all") -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", job.name, *_where(job),
-            f"--worker={worker}", f"--command={script}"]
+    return [
+        "gcloud", "compute", "tpus", "tpu-vm", "ssh", job.name, *_where(job), f"--worker={worker}",
+        f"--command={script}"
+    ]
 
 
 def _is_jaxdpdm(pid: str) -> str:
@@ -145,10 +159,14 @@ def _run_alive() -> str:
 
 def ship_commands(job: TpuJob) -> list[list[str]]:
     """Packages the committed tree (HEAD) and copies it to every worker."""
-    return [["git", "-C", str(common.REPO_ROOT), "archive", "--format=tar.gz",
-             f"--output={job.archive}", "HEAD"],
-            ["gcloud", "compute", "tpus", "tpu-vm", "scp", job.archive,
-             f"{job.name}:{REMOTE_ARCHIVE}", *_where(job), "--worker=all"]]
+    return [[
+        "git", "-C",
+        str(common.REPO_ROOT), "archive", "--format=tar.gz", f"--output={job.archive}", "HEAD"
+    ],
+            [
+                "gcloud", "compute", "tpus", "tpu-vm", "scp", job.archive,
+                f"{job.name}:{REMOTE_ARCHIVE}", *_where(job), "--worker=all"
+            ]]
 
 
 def install_command(job: TpuJob) -> list[str]:
@@ -156,17 +174,21 @@ def install_command(job: TpuJob) -> list[str]:
     python = f'"{REMOTE_VENV}/bin/python"'
     major, minor = job.python_version.split(".")
     # Keep the venv while it has the requested Python (fast re-launch); rebuild it otherwise.
-    right_python = (f"{python} -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))'"
-                    " 2>/dev/null")
+    right_python = (
+        f"{python} -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))'"
+        " 2>/dev/null")
     uv_pip = f"python3 -m uv pip install -q --python {python}"
-    steps = [f'rm -rf "{REMOTE_CODE_DIR}"', f'mkdir -p "{REMOTE_CODE_DIR}"',
-             f'tar -xzf "$HOME/{REMOTE_ARCHIVE}" -C "{REMOTE_CODE_DIR}"', f'cd "{REMOTE_CODE_DIR}"',
-             "python3 -m pip install -q --user uv",
-             f'{{ {right_python} || {{ rm -rf "{REMOTE_VENV}" && python3 -m uv venv -q --python '
-             f'{job.python_version} "{REMOTE_VENV}"; }}; }}',
-             f"{uv_pip} -r requirements-tpu.txt", f"{uv_pip} -e . --no-deps"]
-    return _ssh(job, f'if {_run_alive()}; then echo "$(hostname): a jaxdpdm run is alive; code '
-                     f'left as it is"; else {" && ".join(steps)}; fi')
+    steps = [
+        f'rm -rf "{REMOTE_CODE_DIR}"', f'mkdir -p "{REMOTE_CODE_DIR}"',
+        f'tar -xzf "$HOME/{REMOTE_ARCHIVE}" -C "{REMOTE_CODE_DIR}"', f'cd "{REMOTE_CODE_DIR}"',
+        "python3 -m pip install -q --user uv",
+        f'{{ {right_python} || {{ rm -rf "{REMOTE_VENV}" && python3 -m uv venv -q --python '
+        f'{job.python_version} "{REMOTE_VENV}"; }}; }}', f"{uv_pip} -r requirements-tpu.txt",
+        f"{uv_pip} -e . --no-deps"
+    ]
+    return _ssh(
+        job, f'if {_run_alive()}; then echo "$(hostname): a jaxdpdm run is alive; code '
+        f'left as it is"; else {" && ".join(steps)}; fi')
 
 
 def start_command(job: TpuJob) -> list[str]:
@@ -181,18 +203,20 @@ def start_command(job: TpuJob) -> list[str]:
     launch = (f"setsid nohup env PYTHONUNBUFFERED=1 {program} "
               f">> {log} 2>&1 < /dev/null & echo $! > {_PID_FILE}; "
               f'echo "$(hostname): started pid $!, log ~/jaxdpdm-run/{job.mode}.log"')
-    return _ssh(job, f'mkdir -p "{REMOTE_RUN_DIR}" && if {_run_alive()}; then echo "$(hostname): '
-                     f'jaxdpdm already running (pid $(cat {_PID_FILE})), left alone"; '
-                     f'else cd "{REMOTE_CODE_DIR}" && {{ {launch}; }}; fi')
+    return _ssh(
+        job, f'mkdir -p "{REMOTE_RUN_DIR}" && if {_run_alive()}; then echo "$(hostname): '
+        f'jaxdpdm already running (pid $(cat {_PID_FILE})), left alone"; '
+        f'else cd "{REMOTE_CODE_DIR}" && {{ {launch}; }}; fi')
 
 
 def stop_command(job: TpuJob) -> list[str]:
     """Stops the run on every worker: SIGTERM to its process group, SIGKILL after 60 s."""
-    return _ssh(job, f'if {_run_alive()}; then pid=$(cat {_PID_FILE}); '
-                     'kill -- -"$pid" 2>/dev/null || kill "$pid"; '
-                     f'for i in $(seq 60); do {_is_jaxdpdm("$pid")} || break; sleep 1; done; '
-                     'kill -9 "$pid" 2>/dev/null; echo "$(hostname): stopped pid $pid"; '
-                     f'else echo "$(hostname): no jaxdpdm run alive"; fi; rm -f {_PID_FILE}')
+    return _ssh(
+        job, f'if {_run_alive()}; then pid=$(cat {_PID_FILE}); '
+        'kill -- -"$pid" 2>/dev/null || kill "$pid"; '
+        f'for i in $(seq 60); do {_is_jaxdpdm("$pid")} || break; sleep 1; done; '
+        'kill -9 "$pid" 2>/dev/null; echo "$(hostname): stopped pid $pid"; '
+        f'else echo "$(hostname): no jaxdpdm run alive"; fi; rm -f {_PID_FILE}')
 
 
 def logs_command(job: TpuJob, *, worker: str, lines: int) -> list[str]:
@@ -221,27 +245,34 @@ def launch_plan(job: TpuJob, condition: str) -> list[common.Phase]:
     kind = "queued resource" if job.queued else "TPU VM"
     phases = []
     if condition == "dead":
-        phases.append(common.phase(f"{kind} {job.name} was preempted or failed: delete it, then "
-                                   "recreate it", delete_command(job, quiet=True)))
+        phases.append(
+            common.phase(
+                f"{kind} {job.name} was preempted or failed: delete it, then "
+                "recreate it", delete_command(job, quiet=True)))
     if condition in ("absent", "dead"):
-        phases.append(common.phase(f"create {kind} {job.name} ({job.accelerator_type})",
-                                   create_command(job)))
+        phases.append(
+            common.phase(f"create {kind} {job.name} ({job.accelerator_type})", create_command(job)))
     if condition == "stopped":
-        phases.append(common.phase(f"start the stopped TPU VM {job.name}",
-                                   _resource(job) + ["start", job.name, *_where(job)]))
+        phases.append(
+            common.phase(f"start the stopped TPU VM {job.name}",
+                         _resource(job) + ["start", job.name, *_where(job)]))
     # Queued requests return at once and are granted later; an existing node may be mid-boot.
     if condition == "pending" or (job.queued and condition in ("absent", "dead")):
-        ready, fail = (("ACTIVE", ("FAILED", "SUSPENDED")) if job.queued
-                       else ("READY", ("PREEMPTED",)))
-        phases.append(common.phase(f"wait until {job.name} is {ready}", describe_command(job),
-                                   poll_until=ready, poll_fail=fail))
+        ready, fail = (("ACTIVE", ("FAILED", "SUSPENDED")) if job.queued else
+                       ("READY", ("PREEMPTED",)))
+        phases.append(
+            common.phase(f"wait until {job.name} is {ready}", describe_command(job),
+                         poll_until=ready, poll_fail=fail))
     if job.restart:
         phases.append(common.phase("stop the run on every worker", stop_command(job)))
-    phases.append(common.phase("package the committed code (HEAD), copy it to every worker",
-                               *ship_commands(job)))
+    phases.append(
+        common.phase("package the committed code (HEAD), copy it to every worker",
+                     *ship_commands(job)))
     phases.append(common.phase("unpack and install it on every worker", install_command(job)))
-    phases.append(common.phase(f"start {job.mode} on every worker with --multihost (detached; a "
-                               "worker whose run is alive keeps it)", start_command(job)))
+    phases.append(
+        common.phase(
+            f"start {job.mode} on every worker with --multihost (detached; a "
+            "worker whose run is alive keeps it)", start_command(job)))
     return phases
 
 
@@ -291,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
     parser.add_argument("--reuse", action="store_true",
                         help="run on the existing TPU of that name (recreate it if preempted)")
-    parser.add_argument("--restart", action="store_true",
-                        help="stop a live run on every worker first (e.g. after one worker crashed)")
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="stop a live run on every worker first (e.g. after one worker crashed)")
     parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION,
                         help=f"Python of the workers' venv (default {DEFAULT_PYTHON_VERSION})")
     parser.add_argument("--allow-dirty", action="store_true",
@@ -319,8 +351,8 @@ def parse_job(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace
         if not args.workdir:
             parser.error("collect needs --workdir=gs://BUCKET/PATH")
         return args, None
-    for flag in ("name", "zone") + (("accelerator_type", "config", "workdir")
-                                    if args.action == "launch" else ()):
+    for flag in ("name", "zone") + (
+        ("accelerator_type", "config", "workdir") if args.action == "launch" else ()):
         if not getattr(args, flag):
             parser.error(f"{args.action} needs --{flag.replace('_', '-')}")
     if not _TPU_NAME.match(args.name):
@@ -335,14 +367,13 @@ def parse_job(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace
                             queued=args.queued, mode=args.mode)
     try:
         runtime = default_runtime_version(args.accelerator_type, args.runtime_version)
-        job = TpuJob(name=args.name, zone=args.zone, project=args.project, queued=args.queued,
-                     accelerator_type=args.accelerator_type, runtime_version=runtime,
-                     spot=args.spot, config=common.repo_config_path(args.config),
-                     workdir=args.workdir.rstrip("/"), mode=args.mode,
-                     overrides=tuple(common.check_overrides(overrides)), restart=args.restart,
-                     python_version=args.python_version,
-                     archive=str(pathlib.Path(tempfile.gettempdir())
-                                 / f"jaxdpdm-{args.name}.tar.gz"))
+        job = TpuJob(
+            name=args.name, zone=args.zone, project=args.project, queued=args.queued,
+            accelerator_type=args.accelerator_type, runtime_version=runtime, spot=args.spot,
+            config=common.repo_config_path(args.config), workdir=args.workdir.rstrip("/"),
+            mode=args.mode, overrides=tuple(common.check_overrides(overrides)),
+            restart=args.restart, python_version=args.python_version,
+            archive=str(pathlib.Path(tempfile.gettempdir()) / f"jaxdpdm-{args.name}.tar.gz"))
     except ValueError as e:
         parser.error(str(e))
     return args, job
@@ -352,17 +383,21 @@ def plan_for(args: argparse.Namespace, job: TpuJob | None, condition: str) -> li
     """The phases of any action; `condition` only matters for launch."""
     if args.action == "collect":
         dest = args.dest or str(pathlib.Path("runs") / args.workdir.rstrip("/").rsplit("/", 1)[-1])
-        return [common.phase(f"copy {args.workdir} to {dest}",
-                             *collect_commands(args.workdir, dest,
-                                               skip_checkpoints=args.skip_checkpoints))]
+        return [
+            common.phase(
+                f"copy {args.workdir} to {dest}",
+                *collect_commands(args.workdir, dest, skip_checkpoints=args.skip_checkpoints))
+        ]
     if args.action == "delete":
         return [common.phase(f"delete {job.name}", delete_command(job, quiet=args.yes))]
     if args.action == "stop":
         return [common.phase("stop the run on every worker", stop_command(job))]
     if args.action == "logs":
-        return [common.phase(f"last {args.lines} lines of the {job.mode} log on worker "
-                             f"{args.worker}", logs_command(job, worker=args.worker,
-                                                            lines=args.lines))]
+        return [
+            common.phase(
+                f"last {args.lines} lines of the {job.mode} log on worker "
+                f"{args.worker}", logs_command(job, worker=args.worker, lines=args.lines))
+        ]
     return launch_plan(job, condition)
 
 
@@ -373,8 +408,11 @@ def main(argv=None) -> int:
         phases = plan_for(args, job, "ready" if args.reuse else "absent")
         if args.action == "launch":
             assumed = "exists and is ready (--reuse)" if args.reuse else "does not exist"
-            phases.insert(0, common.phase(f"check whether {job.name} exists (the dry run assumes "
-                                          f"it {assumed})", describe_command(job)))
+            phases.insert(
+                0,
+                common.phase(
+                    f"check whether {job.name} exists (the dry run assumes "
+                    f"it {assumed})", describe_command(job)))
         print(common.format_plan(phases))
         return 0
 

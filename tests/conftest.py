@@ -55,19 +55,22 @@ _RESULT_MARKER = "__JAXDPDM_SUBPROCESS_RESULT__"
 def run_python_with_devices(code: str, *, num_devices: int = 8, timeout: float = 600.0):
     """Runs `code` with `num_devices` simulated CPU devices; returns its JSON `result`."""
     env = os.environ.copy()
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]]
-                                                           if env.get("PYTHONPATH") else []))
-    program = (textwrap.dedent(code)
-               + f"\nimport json as _json\nprint({_RESULT_MARKER!r} + _json.dumps(result))\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    program = (textwrap.dedent(code) +
+               f"\nimport json as _json\nprint({_RESULT_MARKER!r} + _json.dumps(result))\n")
     proc = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"subprocess with {num_devices} devices failed (exit {proc.returncode}):\n"
-                    f"{proc.stderr[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"subprocess with {num_devices} devices failed (exit {proc.returncode}):\n"
+            f"{proc.stderr[-4000:]}", pytrace=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARKER):
             return json.loads(line[len(_RESULT_MARKER):])
@@ -108,8 +111,8 @@ def save_fake_checkpoint(workdir, config, *, step: int, num_classes: int = 10,
     params = jax.tree.map(lambda s: np.full(s.shape, fill, s.dtype), shapes)
     store = CheckpointStore(os.path.join(workdir, CHECKPOINT_SUBDIR))
     state = {"step": np.asarray(step, np.int32), "params": params, "ema_params": params}
-    store.save(step, state, {"num_classes": num_classes, "phase": config.phase,
-                             "config": config.to_json()})
+    store.save(step, state,
+               {"num_classes": num_classes, "phase": config.phase, "config": config.to_json()})
     store.close()
 
 

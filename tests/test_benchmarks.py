@@ -45,18 +45,19 @@ def _env(**extra) -> dict[str, str]:
 
 
 def test_gpu_check_smoke_passes_invariants_and_reports(tmp_path):
-    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"],
-                          cwd=tmp_path, env=_env(OUT=str(tmp_path)), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"], cwd=tmp_path,
+                          env=_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == result  # the final JSON line
 
     assert result["mode"] == "smoke" and result["environment"]["backend"] == "cpu"
     checks = {c["name"]: c for c in result["invariants"]}
-    assert {"sigma0_Cinf_equals_mean_grad", "clipped_norm_le_C", "unclipped_passed_through",
-            "padding_contributes_zero", "nonfinite_example_zeroed", "noise_std",
-            "noise_reproducible", "noise_fresh_each_step", "no_tensorflow_imported"} <= set(checks)
+    assert {
+        "sigma0_Cinf_equals_mean_grad", "clipped_norm_le_C", "unclipped_passed_through",
+        "padding_contributes_zero", "nonfinite_example_zeroed", "noise_std", "noise_reproducible",
+        "noise_fresh_each_step", "no_tensorflow_imported"
+    } <= set(checks)
     assert all(c["passed"] for c in checks.values()), checks
     assert result["invariants_passed"] and not result["errors"] and not result["skipped"]
 
@@ -104,21 +105,27 @@ def test_gpu_check_runs_without_dp_accounting():
 def test_nonprivate_accumulate_is_the_summed_gradient_at_any_microbatch(dp_step):
     """The baseline's program of one microbatch, called per microbatch and added (as the
     benchmark's host loop does), returns the gradient of the summed per-example loss."""
+
     def loss_fn(params, example, rng):
         noise = jax.random.normal(rng, ())
-        return jnp.sum((params["w"] * example["image"] - noise) ** 2) * (1 + example["label"])
+        return jnp.sum((params["w"] * example["image"] - noise)**2) * (1 + example["label"])
 
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(8, 3)).astype(np.float32),
-             "label": np.arange(8, dtype=np.int32) % 3, "index": np.arange(8, dtype=np.int32)}
+    batch = {
+        "image": rng.normal(size=(8, 3)).astype(np.float32),
+        "label": np.arange(8, dtype=np.int32) % 3, "index": np.arange(8, dtype=np.int32)
+    }
     params = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
     key = jax.random.key(1)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
     expected = jax.grad(lambda p: jnp.sum(jax.vmap(loss_fn, (None, 0, 0))(p, batch, keys)))(params)
     accumulate = dp_step.make_nonprivate_accumulate(loss_fn)
     for micro in (2, 8):
-        parts = [accumulate(params, {k: v[i:i + micro] for k, v in batch.items()}, key)
-                 for i in range(0, 8, micro)]
+        parts = [
+            accumulate(params, {k: v[i:i + micro]
+                                for k, v in batch.items()}, key)
+            for i in range(0, 8, micro)
+        ]
         got = sum(np.asarray(part["w"]) for part in parts)
         np.testing.assert_allclose(got, expected["w"], rtol=1e-5)
         assert parts[0]["w"].dtype == jnp.float32
@@ -138,22 +145,28 @@ def test_dp_step_arguments_are_checked(dp_step):
 
 def test_dp_step_main_prints_a_table_and_one_json_line(dp_step, monkeypatch, capsys, tmp_path):
     """The command line around `compare` (measuring itself runs in the smoke test above)."""
-    row = {"kind": "nonprivate", "dtype": "float32", "batch": 16, "chunks": 1, "microbatch": 8,
-           "augmult": 2, "compile_s": 1.0, "warmup_s": 0.5, "median_s": 0.2, "times": [0.2],
-           "xla_mib": 3.0, "peak_mib": None, "ms_per_example": 12.5}
-    canned = {"nonprivate": row,
-              "dp": [{**row, "kind": "dp", "median_s": 0.6, "ratio": 3.0, "ms_per_example": 37.5,
-                      "extra_ms_per_example": 25.0}]}
+    row = {
+        "kind": "nonprivate", "dtype": "float32", "batch": 16, "chunks": 1, "microbatch": 8,
+        "augmult": 2, "compile_s": 1.0, "warmup_s": 0.5, "median_s": 0.2, "times": [0.2],
+        "xla_mib": 3.0, "peak_mib": None, "ms_per_example": 12.5
+    }
+    canned = {
+        "nonprivate": row, "dp": [{
+            **row, "kind": "dp", "median_s": 0.6, "ratio": 3.0, "ms_per_example": 37.5,
+            "extra_ms_per_example": 25.0
+        }]
+    }
 
     class FakeBench:
+
         def __init__(self, config, *, augmult, chunk_rows):
             self.num_params = 123
 
     monkeypatch.setattr(dp_step, "Bench", FakeBench)
     monkeypatch.setattr(dp_step, "compare", lambda bench, micro, **kw: canned)
     out_file = tmp_path / "r.json"
-    result = dp_step.main(["--preset=tiny", "--batch=16", "--microbatch=8", "--augmult=2",
-                           f"--json-out={out_file}"])
+    result = dp_step.main(
+        ["--preset=tiny", "--batch=16", "--microbatch=8", "--augmult=2", f"--json-out={out_file}"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("dp ") and "3.00" in line for line in lines)
     assert json.loads(lines[-1]) == json.loads(out_file.read_text()) == json.loads(
@@ -179,8 +192,8 @@ def test_vs_pytorch_port_computes_the_same_unet():
     params = unet.init_params(config, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
-                                          for k, x in zip(keys, leaves)])
+    params = jax.tree.unflatten(treedef,
+                                [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
     t, y = np.array([0, 500, 999], np.int32), np.array([0, 7, 10], np.int32)
@@ -188,8 +201,10 @@ def test_vs_pytorch_port_computes_the_same_unet():
     model = vs.TorchUNet(config).eval()
     vs.load_flax_params(model, params)
     with torch.no_grad():
-        got = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(),
-                    torch.from_numpy(y).long()).permute(0, 2, 3, 1).numpy()
+        got = model(
+            torch.from_numpy(x).permute(0, 3, 1, 2),
+            torch.from_numpy(t).long(),
+            torch.from_numpy(y).long()).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
@@ -209,8 +224,8 @@ def test_vs_pytorch_torch_steps_run_and_train():
     vs = _vs_pytorch()
     from jaxdpdm.models import unet
     steps = vs.torch_steps(unet.unet_preset("tiny"), batch=3, augmult=2)
-    assert set(steps) == {"torch_nonprivate", "torch_func_dp"} | (
-        {"opacus_dp"} if vs.opacus is not None else set())
+    assert set(steps) == {"torch_nonprivate", "torch_func_dp"
+                         } | ({"opacus_dp"} if vs.opacus is not None else set())
     for name, (model, step) in steps.items():
         before = [p.detach().clone() for p in model.parameters()]
         step()

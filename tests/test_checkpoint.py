@@ -19,11 +19,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 def _params(scale: float = 1.0, *, num_labels: int = 11, width: int = 4) -> dict:
     """A small UNet-like parameter tree: `params/Dense_0/{bias,kernel}`, `params/label_embed/...`."""
-    return {"params": {
-        "Dense_0": {"kernel": scale * jnp.arange(3 * width, dtype=jnp.float32).reshape(3, width),
-                    "bias": scale * jnp.ones((width,), jnp.float32)},
-        "label_embed": {"embedding": scale * jnp.full((num_labels, width), 0.5, jnp.float32)},
-    }}
+    return {
+        "params": {
+            "Dense_0": {
+                "kernel": scale * jnp.arange(3 * width, dtype=jnp.float32).reshape(3, width),
+                "bias": scale * jnp.ones((width,), jnp.float32)
+            },
+            "label_embed": {"embedding": scale * jnp.full((num_labels, width), 0.5, jnp.float32)},
+        }
+    }
 
 
 def _state(step: int) -> dict:
@@ -33,15 +37,18 @@ def _state(step: int) -> dict:
     opt_state = optimizer.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     _, opt_state = optimizer.update(grads, opt_state, params)
-    return {"step": jnp.asarray(step, jnp.int32), "params": params,
-            "ema_params": jax.tree.map(lambda x: x + 0.25, params), "opt_state": opt_state}
+    return {
+        "step": jnp.asarray(step, jnp.int32), "params": params,
+        "ema_params": jax.tree.map(lambda x: x + 0.25, params), "opt_state": opt_state
+    }
 
 
 def _meta(step: int) -> dict:
-    return {"num_classes": 10, "noise_multiplier": 1.5,
-            "ledger": {"phases": [{"noise_multiplier": 1.5, "sampling_rate": 0.01,
-                                   "steps": step}]},
-            "note": f"step {step}"}
+    return {
+        "num_classes": 10, "noise_multiplier": 1.5,
+        "ledger": {"phases": [{"noise_multiplier": 1.5, "sampling_rate": 0.01,
+                               "steps": step}]}, "note": f"step {step}"
+    }
 
 
 def _assert_trees_equal(actual, expected) -> None:
@@ -141,6 +148,7 @@ def test_restore_from_an_empty_store_raises_file_not_found(tmp_path):
 
 # --- locating checkpoints -----------------------------------------------------------------------
 
+
 def test_checkpoint_dir_and_has_checkpoint_on_a_workdir(saved):
     workdir, _ = saved
     folder = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
@@ -180,6 +188,7 @@ def test_has_checkpoint_is_false_without_a_complete_checkpoint(tmp_path, layout)
 
 
 # --- load_init_params -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
@@ -224,8 +233,9 @@ def test_load_init_params_names_the_extra_parameter(pretrained):
 
 
 def test_load_init_params_names_the_wrongly_shaped_parameter(pretrained):
-    with pytest.raises(ValueError, match=r"'params/label_embed/embedding' has shape \(11, 4\) "
-                                         r"there and \(3, 4\) here"):
+    with pytest.raises(
+            ValueError, match=r"'params/label_embed/embedding' has shape \(11, 4\) "
+            r"there and \(3, 4\) here"):
         checkpoint.load_init_params(pretrained, _params(num_labels=3))
 
 

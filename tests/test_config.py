@@ -34,9 +34,10 @@ def test_get_config_returns_a_fresh_config_each_call():
     assert config_lib.get_config().train.num_steps != 7
 
 
-@pytest.mark.parametrize("field", ["seed", "init_from", "init_reinit", "dp.noise_multiplier",
-                                   "dp.trainable", "data.classes", "data.max_examples",
-                                   "data.data_dir", "eval.inception_weights"])
+@pytest.mark.parametrize("field", [
+    "seed", "init_from", "init_reinit", "dp.noise_multiplier", "dp.trainable", "data.classes",
+    "data.max_examples", "data.data_dir", "eval.inception_weights"
+])
 def test_placeholders_are_none_by_default(field):
     node = config_lib.get_config()
     for name in field.split("."):
@@ -45,8 +46,12 @@ def test_placeholders_are_none_by_default(field):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", 5), ("init_from", "/some/workdir"), ("dp.noise_multiplier", 1.25),
-    ("train.num_steps", 3), ("dp.target_epsilon", 1.0), ("data.classes", (0, 3)),
+    ("seed", 5),
+    ("init_from", "/some/workdir"),
+    ("dp.noise_multiplier", 1.25),
+    ("train.num_steps", 3),
+    ("dp.target_epsilon", 1.0),
+    ("data.classes", (0, 3)),
 ])
 def test_typed_overrides_are_kept(field, value):
     config = config_lib.get_config()
@@ -59,7 +64,9 @@ def test_typed_overrides_are_kept(field, value):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", "secret"), ("train.num_steps", "3"), ("dp.noise_multiplier", "1.0"),
+    ("seed", "secret"),
+    ("train.num_steps", "3"),
+    ("dp.noise_multiplier", "1.0"),
     ("phase", 1),
 ])
 def test_overrides_of_the_wrong_type_are_refused(field, value):
@@ -80,9 +87,10 @@ def test_placeholder_can_be_reset_to_none():
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_command_line_overrides_through_config_flags():
     """What `--config=configs/default.py --config.x=...` does in `jaxdpdm.main`."""
-    argv = ["prog", f"--config={REPO_ROOT / 'configs' / 'default.py'}",
-            "--config.train.num_steps=3", "--config.seed=11",
-            "--config.dp.noise_multiplier=0.75", "--config.dp.target_epsilon=2"]
+    argv = [
+        "prog", f"--config={REPO_ROOT / 'configs' / 'default.py'}", "--config.train.num_steps=3",
+        "--config.seed=11", "--config.dp.noise_multiplier=0.75", "--config.dp.target_epsilon=2"
+    ]
     flag_values = flags.FlagValues()
     # The override flags are declared from the argv the config flag sees (sys.argv by default).
     config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
@@ -163,8 +171,11 @@ def test_every_check_fires_and_names_the_field(field, value, named):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("dp.target_epsilon", 0.0), ("dp.delta", 2.0), ("dp.clip_norm", -1.0),
-    ("dp.accountant", "moments"), ("dp.noise_multiplier", -1.0),
+    ("dp.target_epsilon", 0.0),
+    ("dp.delta", 2.0),
+    ("dp.clip_norm", -1.0),
+    ("dp.accountant", "moments"),
+    ("dp.noise_multiplier", -1.0),
 ])
 def test_dp_fields_are_not_checked_when_pretraining(field, value):
     config = config_lib.get_config()
@@ -174,10 +185,18 @@ def test_dp_fields_are_not_checked_when_pretraining(field, value):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", 0), ("dp.noise_multiplier", 1e-3), ("dp.clip_norm", math.inf),
-    ("diffusion.label_dropout", 0.0), ("train.ema_decay", 0.0), ("train.warmup_steps", 0),
-    ("sample.ddim_steps", 1000), ("sample.sampler", "ddpm"), ("diffusion.schedule", "cosine"),
-    ("dp.accountant", "rdp"), ("data.channels", 3), ("seed", 2**32 - 1),
+    ("seed", 0),
+    ("dp.noise_multiplier", 1e-3),
+    ("dp.clip_norm", math.inf),
+    ("diffusion.label_dropout", 0.0),
+    ("train.ema_decay", 0.0),
+    ("train.warmup_steps", 0),
+    ("sample.ddim_steps", 1000),
+    ("sample.sampler", "ddpm"),
+    ("diffusion.schedule", "cosine"),
+    ("dp.accountant", "rdp"),
+    ("data.channels", 3),
+    ("seed", 2**32 - 1),
     ("train.num_steps", config_lib.MAX_PLD_STEPS),
 ])
 def test_boundary_values_are_accepted(field, value):

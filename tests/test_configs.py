@@ -125,12 +125,12 @@ def test_paper_configs_have_more_than_80m_parameters(name, variant):
     assert parameters(unet_config(config, num_classes)) >= 80_000_000
 
 
-@pytest.mark.parametrize("pretrain, finetune", [
-    ("imagenet32_pretrain.py", ":".join(case)) for case in FINETUNE_CONFIGS] + [
-    ("fashion_mnist_pretrain.py", "fashion_mnist.py"),
-    ("fashion_mnist_pretrain.py", "fashion_mnist.py:eps=1"),
-    ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:smoke"),
-    ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:eps=1,smoke")])
+@pytest.mark.parametrize("pretrain, finetune",
+                         [("imagenet32_pretrain.py", ":".join(case)) for case in FINETUNE_CONFIGS] +
+                         [("fashion_mnist_pretrain.py", "fashion_mnist.py"),
+                          ("fashion_mnist_pretrain.py", "fashion_mnist.py:eps=1"),
+                          ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:smoke"),
+                          ("fashion_mnist_pretrain.py:smoke", "fashion_mnist.py:eps=1,smoke")])
 def test_fine_tuning_fits_its_pretrained_model(pretrain, finetune):
     """`init_from` needs the same architecture and noise schedule (the label embedding may differ
     in size only where `init_reinit` re-initialises it)."""
@@ -163,8 +163,8 @@ def test_two_phase_configs_pretrain_on_the_public_part_of_the_same_split(name, v
     config = load(name, variant)
     pretrain = pretraining_config(config)
     validate_config(pretrain)
-    assert (pretrain.phase, pretrain.data.subset, config.data.subset) == (
-        "pretrain", "public", "private")
+    assert (pretrain.phase, pretrain.data.subset, config.data.subset) == ("pretrain", "public",
+                                                                          "private")
     for field in ("name", "split", "public_fraction", "split_seed", "image_size"):
         assert pretrain.data[field] == config.data[field], field
     assert pretrain.model.to_dict() == config.model.to_dict()
@@ -211,9 +211,10 @@ def test_config_flags_loads_the_file_with_overrides(name, variant):
     path = str(CONFIG_DIR / name) + (f":{variant}" if variant else "")
     two_phase = load(name, variant).pretrain.num_steps > 0
     # A two-phase config initialises its DP phase itself; overriding init_from means one phase.
-    argv = ["prog", f"--config={path}", "--config.train.num_steps=3",
-            "--config.init_from=/tmp/pretrained"] + (
-            ["--config.pretrain.num_steps=0"] if two_phase else [])
+    argv = [
+        "prog", f"--config={path}", "--config.train.num_steps=3",
+        "--config.init_from=/tmp/pretrained"
+    ] + (["--config.pretrain.num_steps=0"] if two_phase else [])
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv,
                                     lock_config=True)

@@ -42,7 +42,7 @@ def test_schedule_properties(kind):
     np.testing.assert_allclose(np.asarray(s.alphas_cumprod_prev)[1:], acp[:-1])
     assert float(s.alphas_cumprod_prev[0]) == 1.0
     np.testing.assert_allclose(
-        np.asarray(s.sqrt_alphas_cumprod) ** 2 + np.asarray(s.sqrt_one_minus_alphas_cumprod) ** 2,
+        np.asarray(s.sqrt_alphas_cumprod)**2 + np.asarray(s.sqrt_one_minus_alphas_cumprod)**2,
         1.0,
         rtol=1e-6,
     )
@@ -55,11 +55,11 @@ def test_linear_endpoints_and_cosine_formula():
     np.testing.assert_allclose(float(LINEAR.betas[0]), 1e-4, rtol=1e-6)
     np.testing.assert_allclose(float(LINEAR.betas[-1]), 0.02, rtol=1e-6)
     cosine = make_schedule("cosine", T)
-    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2)**2
     t = np.array([0, 100, 500, 900])
     np.testing.assert_allclose(
-        np.asarray(cosine.alphas_cumprod)[t], f((t + 1) / T) / f(0), rtol=1e-4
-    )
+        np.asarray(cosine.alphas_cumprod)[t],
+        f((t + 1) / T) / f(0), rtol=1e-4)
     # Endpoint: abar -> 0 at t = T - 1, kept positive only by the beta cap 0.999.
     assert 0 < float(cosine.alphas_cumprod[-1]) < 1e-7
     assert float(cosine.betas[-1]) == pytest.approx(0.999)
@@ -107,9 +107,8 @@ def test_q_posterior_matches_bayes_rule():
     t = np.array([1, 10, 500, 999])
     x0 = np.linspace(-1, 1, 4)[:, None, None, None] * np.ones((4, 2, 2, 1))
     x_t = np.random.default_rng(0).standard_normal((4, 2, 2, 1))
-    mean, var, log_var = q_posterior(
-        LINEAR, jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(t)
-    )
+    mean, var, log_var = q_posterior(LINEAR, jnp.asarray(x0, jnp.float32),
+                                     jnp.asarray(x_t, jnp.float32), jnp.asarray(t))
     betas = np.linspace(1e-4, 0.02, T)
     acp = np.cumprod(1 - betas)
     prev, beta = acp[t - 1][:, None, None, None], betas[t][:, None, None, None]
@@ -119,9 +118,8 @@ def test_q_posterior_matches_bayes_rule():
     np.testing.assert_allclose(var, 1 / precision, rtol=1e-4)
     np.testing.assert_allclose(log_var, np.log(1 / precision), rtol=1e-4)
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-4, atol=1e-5)
-    mean0, var0, _ = q_posterior(
-        LINEAR, jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.zeros(4, jnp.int32)
-    )
+    mean0, var0, _ = q_posterior(LINEAR, jnp.asarray(x0, jnp.float32),
+                                 jnp.asarray(x_t, jnp.float32), jnp.zeros(4, jnp.int32))
     np.testing.assert_allclose(mean0, x0, atol=1e-6)
     np.testing.assert_array_equal(var0, 0.0)
 
@@ -186,9 +184,8 @@ def _zero_model(params, x, t, y, rng):
 
 # Jitted (options static): eager dispatch of the random ops costs more than one compile.
 LOSS = jax.jit(
-    functools.partial(
-        per_example_loss, _zero_model, None, schedule=LINEAR, timestep_dist=PAPER_LIKE
-    ),
+    functools.partial(per_example_loss, _zero_model, None, schedule=LINEAR,
+                      timestep_dist=PAPER_LIKE),
     static_argnames=("augmult", "random_flip"),
 )
 DRAW = jax.jit(
@@ -216,33 +213,29 @@ def test_model_sees_k_draws(augmult):
         return jnp.zeros_like(x)
 
     example = {"image": _image(), "label": jnp.int32(2)}
-    loss = jax.eval_shape(
-        lambda: per_example_loss(
-            recording_model,
-            None,
-            example,
-            jax.random.key(0),
-            schedule=LINEAR,
-            timestep_dist=UNIFORM,
-            augmult=augmult,
-        )
-    )
+    loss = jax.eval_shape(lambda: per_example_loss(
+        recording_model,
+        None,
+        example,
+        jax.random.key(0),
+        schedule=LINEAR,
+        timestep_dist=UNIFORM,
+        augmult=augmult,
+    ))
     assert loss.shape == ()
     assert seen == {"x": (augmult, 8, 8, 3), "t": (augmult,), "y": (augmult,)}
 
 
 def test_draws_match_q_sample_and_flip_per_draw():
     image = _image()
-    draws = jax.tree.map(
-        np.asarray, DRAW({"image": image}, jax.random.key(3), augmult=64, random_flip=True)
-    )
+    draws = jax.tree.map(np.asarray,
+                         DRAW({"image": image}, jax.random.key(3), augmult=64, random_flip=True))
     image = np.asarray(image)
     assert 0 < draws.flipped.sum() < 64  # flips are drawn per draw, not once per example
     expected = np.where(draws.flipped[:, None, None, None], image[:, ::-1], image)
     np.testing.assert_array_equal(draws.x0, expected)
-    np.testing.assert_allclose(
-        draws.x_t, q_sample(LINEAR, draws.x0, draws.t, draws.noise), atol=1e-6
-    )
+    np.testing.assert_allclose(draws.x_t, q_sample(LINEAR, draws.x0, draws.t, draws.noise),
+                               atol=1e-6)
     assert draws.label is None and len(np.unique(draws.t)) > 1
 
 
@@ -251,8 +244,7 @@ def test_label_dropout_frequency():
     p, n, null = 0.3, 4000, 10
     example = {"image": jnp.zeros((2, 2, 1)), "label": jnp.int32(4)}
     draw = jax.jit(
-        jax.vmap(lambda key: DRAW(example, key, augmult=2, label_dropout=p, null_label=null))
-    )
+        jax.vmap(lambda key: DRAW(example, key, augmult=2, label_dropout=p, null_label=null)))
     draws = draw(jax.random.split(jax.random.key(0), n))
     labels = np.asarray(draws.label)
     dropped = np.asarray(draws.label_dropped)
@@ -274,15 +266,13 @@ def test_label_dropout_frequency():
 def test_loss_argument_errors(kwargs, message):
     example = {"image": _image(), "label": jnp.int32(1)}
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(
-            lambda: per_example_loss(
-                _zero_model,
-                None,
-                example,
-                jax.random.key(0),
-                **{"schedule": LINEAR, "timestep_dist": UNIFORM, **kwargs},
-            )
-        )
+        jax.eval_shape(lambda: per_example_loss(
+            _zero_model,
+            None,
+            example,
+            jax.random.key(0),
+            **{"schedule": LINEAR, "timestep_dist": UNIFORM, **kwargs},
+        ))
 
 
 def test_per_example_gradients_through_a_unet():
@@ -325,14 +315,10 @@ def test_per_example_gradients_through_a_unet():
     # random ops about twice as fast, which halves this test's time.
     step_key = jax.random.key(7, impl="rbg")
     per_example = jax.jit(
-        jax.vmap(
-            lambda ex: jax.value_and_grad(loss)(
-                params, ex, jax.random.fold_in(step_key, ex["index"])
-            )
-        )
-    )
+        jax.vmap(lambda ex: jax.value_and_grad(loss)
+                 (params, ex, jax.random.fold_in(step_key, ex["index"]))))
     losses, grads = per_example(batch)
     assert losses.shape == (3,) and bool(jnp.all(jnp.isfinite(losses)))
-    norms = jnp.sqrt(sum(jnp.sum(g.reshape(3, -1) ** 2, axis=1) for g in jax.tree.leaves(grads)))
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(3, -1)**2, axis=1) for g in jax.tree.leaves(grads)))
     assert bool(jnp.all(jnp.isfinite(norms))) and bool(jnp.all(norms > 0))
     assert len(np.unique(np.asarray(norms))) == 3

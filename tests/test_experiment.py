@@ -34,6 +34,7 @@ def test_unet_config_comes_from_the_data_and_the_model_config(tiny_experiment, t
 
 
 def test_building_with_num_classes_loads_no_data(tiny_config, monkeypatch):
+
     def no_loading(spec):
         raise AssertionError(f"data was loaded: {spec}")
 
@@ -134,8 +135,8 @@ def test_loss_fn_on_one_example_is_a_finite_scalar(tiny_experiment, tiny_config)
     assert float(values[0]) != float(values[1])
 
 
-def test_sampler_follows_config_sample_and_matches_the_generation_path(tiny_experiment,
-                                                                        tiny_config):
+def test_sampler_follows_config_sample_and_matches_the_generation_path(
+        tiny_experiment, tiny_config):
     config = tiny_config()
     config.sample.ddim_steps, config.sample.guidance_scale = 2, 0.5
     exp = experiment.build_experiment(config, tiny_experiment.dataset)
@@ -159,6 +160,7 @@ def test_sampler_refuses_guidance_for_an_unconditional_model(tiny_config):
 
 
 # --- data_spec -------------------------------------------------------------------------------------
+
 
 def test_data_spec_mirrors_config_data(tiny_config):
     config = tiny_config()
@@ -201,6 +203,6 @@ def test_the_test_split_is_taken_whole(tiny_config):
     config.data.public_fraction = 0.1
     config.data.subset = "private"
     spec = experiment.data_spec(config, split="test")
-    assert (spec.split, spec.subset, spec.public_fraction, spec.max_examples) == (
-        "test", "all", 0.0, None)
+    assert (spec.split, spec.subset, spec.public_fraction, spec.max_examples) == ("test", "all",
+                                                                                  0.0, None)
     assert experiment.data_spec(config).subset == "private"

@@ -27,10 +27,10 @@ def _have_fashion_mnist() -> bool:
 @pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST files not installed")
 def test_fmnist_gpu_smoke_runs_the_whole_chain(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "fmnist_gpu.sh"), "--smoke"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "WORKDIR": str(workdir), "OUT": str(out),
-                               "PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "fmnist_gpu.sh"), "--smoke"], cwd=REPO,
+        capture_output=True, text=True, timeout=1200,
+        env={**os.environ, "WORKDIR": str(workdir), "OUT": str(out), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("train", "sample", "evaluate"):
         assert f"fmnist_gpu: {mode} took" in proc.stdout

@@ -40,8 +40,7 @@ def _shaped_like_the_model(config, num_classes=10):
     return jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
 
 
-def test_load_trained_returns_the_ema_parameters_and_a_dataless_experiment(tmp_path,
-                                                                          tiny_config):
+def test_load_trained_returns_the_ema_parameters_and_a_dataless_experiment(tmp_path, tiny_config):
     config = tiny_config()
     config.seed = None  # sampling needs no seed
     ema = _shaped_like_the_model(tiny_config(), num_classes=4)
@@ -65,6 +64,7 @@ def test_load_trained_refuses_a_checkpoint_of_another_model(tmp_path, tiny_confi
 
 
 # --- sampling an unfinished run, and again after training moved on ----------------------------
+
 
 @pytest.fixture
 def gray_sampler(monkeypatch, tiny_config):
@@ -111,11 +111,11 @@ def test_sampling_again_after_training_moved_on_replaces_the_old_samples(
     assert json.loads((tmp_path / "samples" / "meta.json").read_text())["checkpoint_step"] == 3
     archived = tmp_path / "samples_step000002"
     assert json.loads((archived / "meta.json").read_text())["checkpoint_step"] == 2
-    assert sorted(p.name for p in archived.glob("chunk_*.npz")) == ["chunk_00000.npz",
-                                                                    "chunk_00001.npz"]
+    assert sorted(
+        p.name for p in archived.glob("chunk_*.npz")) == ["chunk_00000.npz", "chunk_00001.npz"]
     # A workdir whose checkpoints are lost still shows that these samples were released.
-    assert {"samples", "samples_grid.png", "samples_step000002"} <= set(
-        report.release_traces(str(tmp_path)))
+    assert {"samples", "samples_grid.png",
+            "samples_step000002"} <= set(report.release_traces(str(tmp_path)))
     # The same checkpoint again: the samples are reused, nothing is moved.
     again = generate.sample_from_workdir(config, str(tmp_path))
     assert again.num_reused == 2 and not (tmp_path / "samples_step000003").exists()
@@ -126,7 +126,7 @@ def test_a_run_stopped_by_its_budget_is_finished(tmp_path, tiny_config, fake_che
     fake_checkpoint(str(tmp_path), config, step=2)
     meta = {"config": config.to_json(), "step": 2}
     assert "unfinished" in generate.unfinished_run_note(meta, str(tmp_path))
-    (tmp_path / "privacy_report.json").write_text(json.dumps(
-        {"training": {"stopped_by_budget": True}, "mechanism": {"steps": 2}}))
+    (tmp_path / "privacy_report.json").write_text(
+        json.dumps({"training": {"stopped_by_budget": True}, "mechanism": {"steps": 2}}))
     assert generate.unfinished_run_note(meta, str(tmp_path)) is None
     assert generate.unfinished_run_note({"config": config.to_json(), "step": 3}, "/none") is None

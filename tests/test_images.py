@@ -63,8 +63,8 @@ def test_scaled_grid_repeats_pixels(tmp_path):
     loaded = np.asarray(Image.open(path))
     grid = images.make_grid(tiles, rows=2)[..., 0]
     np.testing.assert_array_equal(loaded, np.repeat(np.repeat(grid, 3, axis=0), 3, axis=1))
-    assert (images.display_scale(8), images.display_scale(28), images.display_scale(64)) == (
-        4, 1, 1)
+    assert (images.display_scale(8), images.display_scale(28), images.display_scale(64)) == (4, 1,
+                                                                                             1)
     with pytest.raises(ValueError, match="scale"):
         images.encode_grid_png(tiles, rows=2, scale=0)
 

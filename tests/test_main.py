@@ -94,8 +94,10 @@ def test_lock_refuses_a_second_process_and_ctrl_c_mid_save_keeps_the_checkpoint(
     workdir, pauses = tmp_path / "run", tmp_path / "pauses"
     pauses.mkdir()
     args = ["--config=configs/quickstart.py:tiny", f"--workdir={workdir}"]
-    env = {**os.environ, "JAXDPDM_TEST_PAUSE_AT": "locked,checkpoint_write@2",
-           "JAXDPDM_TEST_PAUSE_DIR": str(pauses), "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ, "JAXDPDM_TEST_PAUSE_AT": "locked,checkpoint_write@2",
+        "JAXDPDM_TEST_PAUSE_DIR": str(pauses), "JAX_PLATFORMS": "cpu"
+    }
     first = subprocess.Popen([sys.executable, "-m", "jaxdpdm.main", *args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -153,11 +155,12 @@ def test_none_on_the_command_line_unsets_an_optional_field():
 
 def test_a_quoted_tilde_workdir_means_the_home_folder(tmp_path):
     # `--workdir="~/x"` reaches the program unexpanded; it must not create a folder named "~".
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxdpdm.main", f"--config={REPO}/configs/quickstart.py:tiny",
-         "--workdir=~/run", "--mode=sample"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path / "home"),
-                          "PYTHONPATH": REPO})
+    result = subprocess.run([
+        sys.executable, "-m", "jaxdpdm.main", f"--config={REPO}/configs/quickstart.py:tiny",
+        "--workdir=~/run", "--mode=sample"
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=300, env={
+        **os.environ, "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path / "home"), "PYTHONPATH": REPO
+    })
     assert result.returncode == 2
     assert f"no checkpoint in {tmp_path / 'home' / 'run'}" in result.stderr
     assert not (tmp_path / "~").exists()
@@ -165,11 +168,12 @@ def test_a_quoted_tilde_workdir_means_the_home_folder(tmp_path):
 
 # --- one-line errors: the config file and its overrides (parsed before any jax import) --------
 
+
 @pytest.mark.parametrize("config, message", [
-    (["--config=configs/quickstart.py:tiny", "--config.train.nm_steps=3"],
-     "unknown config field --config.train.nm_steps (did you mean --config.train.num_steps?)"),
-    (["--config=configs/quickstart.py:tiny", "--config.nonsense=1"],
-     "unknown config field --config.nonsense"),
+    (["--config=configs/quickstart.py:tiny", "--config.train.nm_steps=3"
+     ], "unknown config field --config.train.nm_steps (did you mean --config.train.num_steps?)"),
+    (["--config=configs/quickstart.py:tiny", "--config.nonsense=1"
+     ], "unknown config field --config.nonsense"),
     (["--config=configs/missing.py"], "cannot load the config file: [Errno 2] No such file"),
     (["--config=SYNTAX"], "broken.py line 2: '{' was never closed"),
     (["--config=configs/quickstart.py:huge"], "unknown quickstart variant 'huge'"),
@@ -199,8 +203,8 @@ _TENSORSTORE_ENOSPC = (
      "no space left on device writing checkpoint 2 in /mnt/full/run/checkpoints; free space"),
     (OSError(errno.ENOSPC, "No space left on device", "/w/samples/chunk_00003.npz"),
      "no space left on device writing /w/samples/chunk_00003.npz; free space"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/samples"),
-     "read-only file system writing /ro/samples"),
+    (OSError(errno.EROFS, "Read-only file system",
+             "/ro/samples"), "read-only file system writing /ro/samples"),
     (OSError(errno.ENOSPC, "No space left on device"), "writing --workdir /w"),
     (ValueError("dp.delta must be in (0, 1)"), None),
     (OSError(errno.EIO, "Input/output error", "/w/x"), None),
@@ -222,8 +226,8 @@ def test_a_real_full_disk_during_a_checkpoint_save_is_described(tmp_path):
 
     mount_point = tmp_path / "full"
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                       str(mount_point)], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         store = CheckpointStore(str(mount_point / "checkpoints"))
@@ -252,8 +256,8 @@ sys.argv = ["jaxdpdm", "--config=configs/quickstart.py:tiny", "--workdir={workdi
             "--mode=sample"]
 run()
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not writable" in errors[0] and str(workdir) in errors[0]

@@ -45,9 +45,13 @@ def _jsonl(workdir) -> list[dict]:
 
 @pytest.fixture
 def clock(monkeypatch):
+
     def install(*readings):
-        monkeypatch.setattr(monitoring, "time", types.SimpleNamespace(
-            perf_counter=FakeClock(*readings).perf_counter, time=lambda: 1.7e9))
+        monkeypatch.setattr(
+            monitoring, "time",
+            types.SimpleNamespace(perf_counter=FakeClock(*readings).perf_counter,
+                                  time=lambda: 1.7e9))
+
     return install
 
 
@@ -69,13 +73,13 @@ def test_writes_scalars_to_tensorboard_and_a_progress_line(tmp_path, clock, caps
     head, shown = _progress(capsys.readouterr().out)
     assert head == "[step 3/10]"
     # 0.5 steps/s with 7 steps left: 14 s (printed with 4 significant digits).
-    assert shown == pytest.approx({"loss": 0.25, "clipped": 0.75, "steps_per_sec": 0.5,
-                                   "eta_minutes": 14 / 60}, rel=1e-3)
+    assert shown == pytest.approx(
+        {"loss": 0.25, "clipped": 0.75, "steps_per_sec": 0.5, "eta_minutes": 14 / 60}, rel=1e-3)
 
     logger.write(5, {"loss": 0.125})  # 2 steps in 1 s
     _, shown = _progress(capsys.readouterr().out)
-    assert shown == pytest.approx({"loss": 0.125, "steps_per_sec": 2.0,
-                                   "eta_minutes": 2.5 / 60}, rel=1e-3)
+    assert shown == pytest.approx({"loss": 0.125, "steps_per_sec": 2.0, "eta_minutes": 2.5 / 60},
+                                  rel=1e-3)
     logger.close()
 
     assert [(r["step"], r["loss"]) for r in _jsonl(tmp_path)] == [(1, 0.5), (3, 0.25), (5, 0.125)]
@@ -118,8 +122,8 @@ def test_without_the_tensorboard_extra_metrics_still_reach_the_jsonl_file(
     logger.write(1, {"loss": 2.0})
     logger.write(2, {"loss": 1.0})
     logger.close()
-    assert [(r["step"], r["loss"], r["wall_time"]) for r in _jsonl(tmp_path)] == [
-        (1, 2.0, 1.7e9), (2, 1.0, 1.7e9)]
+    assert [(r["step"], r["loss"], r["wall_time"]) for r in _jsonl(tmp_path)] == [(1, 2.0, 1.7e9),
+                                                                                  (2, 1.0, 1.7e9)]
     assert _jsonl(tmp_path)[1]["steps_per_sec"] == pytest.approx(0.5)
     assert not glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
     # A resumed run appends to the same file.

@@ -44,7 +44,8 @@ def test_flags_set_before_jax_runs_and_left_alone_after():
     # jax imported first is fine: XLA reads its flags when the first backend is created.
     assert _xla_flags_after("import jax") == ["True", defaults]
     assert _xla_flags_after("", XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot") == [
-        "True", "--xla_cpu_experimental_ynn_fusion_type=dot"]
+        "True", "--xla_cpu_experimental_ynn_fusion_type=dot"
+    ]
     assert _xla_flags_after("", JAXDPDM_XLA_DEFAULTS="0") == ["False", ""]
     # Too late once a backend exists: nothing is changed (the process keeps XLA's defaults).
     assert _xla_flags_after("import jax; jax.numpy.ones(1).block_until_ready()") == ["False", ""]
@@ -75,14 +76,15 @@ def _import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:
-                targets.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}"
-                               in files else node.module for alias in node.names)
+                targets.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in
+                               files else node.module for alias in node.names)
         graph[name] = {t for t in targets if t in files and t != name}
     return graph
 
 
 def _modules_on_cycles(graph: dict[str, set[str]]) -> set[str]:
     """The modules from which an import chain leads back to themselves."""
+
     def reachable(start):
         seen, todo = set(), list(graph[start])
         while todo:
@@ -91,6 +93,7 @@ def _modules_on_cycles(graph: dict[str, set[str]]) -> set[str]:
                 seen.add(module)
                 todo.extend(graph[module])
         return seen
+
     return {module for module in graph if module in reachable(module)}
 
 
@@ -98,9 +101,10 @@ def test_import_graph_finds_a_cycle():
     assert _modules_on_cycles({"a": {"b"}, "b": {"a", "c"}, "c": set()}) == {"a", "b"}
 
 
-@pytest.mark.parametrize("prefix", ["jaxdpdm.data", "jaxdpdm.dp", "jaxdpdm.models",
-                                    "jaxdpdm.evaluation.inception",
-                                    "jaxdpdm.evaluation.convert_inception_weights"])
+@pytest.mark.parametrize("prefix", [
+    "jaxdpdm.data", "jaxdpdm.dp", "jaxdpdm.models", "jaxdpdm.evaluation.inception",
+    "jaxdpdm.evaluation.convert_inception_weights"
+])
 def test_no_import_cycle_through(prefix):
     on_cycles = _modules_on_cycles(_import_graph())
     assert not {m for m in on_cycles if m == prefix or m.startswith(prefix + ".")}

@@ -25,18 +25,23 @@ def _loss_fn(params, example, rng):
 
 def _setup():
     k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"w1": jax.random.normal(k1, (DIM, 16)), "b1": jnp.zeros(16),
-              "w2": jax.random.normal(k2, (16,)) / 2}
+    params = {
+        "w1": jax.random.normal(k1, (DIM, 16)), "b1": jnp.zeros(16),
+        "w2": jax.random.normal(k2, (16,)) / 2
+    }
     rng = np.random.default_rng(0)
-    data = {"x": rng.normal(size=(NUM_EXAMPLES, DIM)).astype(np.float32),
-            "y": rng.normal(size=NUM_EXAMPLES).astype(np.float32),
-            "index": np.arange(NUM_EXAMPLES, dtype=np.int32)}
+    data = {
+        "x": rng.normal(size=(NUM_EXAMPLES, DIM)).astype(np.float32),
+        "y": rng.normal(size=NUM_EXAMPLES).astype(np.float32),
+        "index": np.arange(NUM_EXAMPLES, dtype=np.int32)
+    }
     return params, data
 
 
 def _dp_optimizer():
-    return optax.chain(dp_aggregate(clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=20,
-                                    seed=5), optax.adam(1e-2))
+    return optax.chain(
+        dp_aggregate(clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=20, seed=5),
+        optax.adam(1e-2))
 
 
 def _flat(tree):
@@ -65,8 +70,10 @@ def _dp_run(mesh, params, data):
     mask = np.arange(CHUNK) < 13
     unindexed, _ = step.accumulate(params, parallel.shard_batch(no_index, mesh),
                                    parallel.shard_batch(mask, mesh), jax.random.key(9))
-    return {"params": _flat(params), "norms": norms, "num_clipped": clipped,
-            "unindexed": _flat(unindexed)}
+    return {
+        "params": _flat(params), "norms": norms, "num_clipped": clipped,
+        "unindexed": _flat(unindexed)
+    }
 
 
 def test_steps_accept_raw_uint32_keys():
@@ -144,9 +151,11 @@ def scenario():
     """Everything the test compares; run with 8 devices. Returns a JSON-able dict."""
     params, data = _setup()
     meshes = {"8": parallel.make_data_mesh(), "1": parallel.make_data_mesh(jax.devices()[:1])}
-    result = {"num_devices": jax.device_count(),
-              "dp": {n: _dp_run(m, params, data) for n, m in meshes.items()},
-              "pretrain": {n: _pretrain_run(m, params, data) for n, m in meshes.items()}}
+    result = {
+        "num_devices": jax.device_count(),
+        "dp": {n: _dp_run(m, params, data) for n, m in meshes.items()},
+        "pretrain": {n: _pretrain_run(m, params, data) for n, m in meshes.items()}
+    }
     result["dp"]["reference"] = _dp_reference(params, data)
     result["pretrain"]["reference"] = _pretrain_reference(params, data)
     errors = []
@@ -155,10 +164,10 @@ def scenario():
     except ValueError:
         errors.append("shard_batch")
     try:
-        step = parallel.make_dp_step(_loss_fn, _dp_optimizer(), clip_norm=1.0,
-                                     microbatch_size=4, mesh=meshes["8"])
-        step.accumulate(params, parallel.shard_batch(jax.tree.map(lambda v: v[:16], data),
-                                                     meshes["8"]),
+        step = parallel.make_dp_step(_loss_fn, _dp_optimizer(), clip_norm=1.0, microbatch_size=4,
+                                     mesh=meshes["8"])
+        step.accumulate(params,
+                        parallel.shard_batch(jax.tree.map(lambda v: v[:16], data), meshes["8"]),
                         parallel.shard_batch(np.ones(16, bool), meshes["8"]), jax.random.key(0))
     except ValueError:
         errors.append("chunk_size")

@@ -42,8 +42,9 @@ def test_freezing_leaves_leaves_the_other_leaves_noise_bit_identical(tmp_path, t
     rng = np.random.default_rng(14)
     everything = _trainer(tiny_config, tmp_path / "all", None)
     initial = [np.asarray(x) for x in jax.tree.leaves(everything.state["params"])]
-    paths = [param_path(p) for p, _ in
-             jax.tree_util.tree_leaves_with_path(everything.state["params"])]
+    paths = [
+        param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(everything.state["params"])
+    ]
     try:
         for trial in range(2):
             frozen = set(rng.choice(len(paths), size=rng.integers(1, 4), replace=False).tolist())
@@ -51,8 +52,10 @@ def test_freezing_leaves_leaves_the_other_leaves_noise_bit_identical(tmp_path, t
             partial = _trainer(tiny_config, tmp_path / f"frozen{trial}", pattern)
             assert [i for i, m in enumerate(jax.tree.leaves(partial.plan.mask)) if not m] == \
                 sorted(frozen)
-            grad_sums = [jax.tree.map(lambda x: rng.normal(0, 3, x.shape).astype(np.float32),
-                                      everything.state["params"]) for _ in range(2)]
+            grad_sums = [
+                jax.tree.map(lambda x: rng.normal(0, 3, x.shape).astype(np.float32),
+                             everything.state["params"]) for _ in range(2)
+            ]
             full_run = _two_updates(everything, grad_sums)
             frozen_run = _two_updates(partial, grad_sums)
             partial.release_workdir()

@@ -46,8 +46,10 @@ def random_model(params, x, t, y):
 
 def random_params(seed=0):
     rng = np.random.default_rng(seed)
-    return {"w": jnp.asarray(rng.uniform(0.5, 1.5, (T,)), jnp.float32),
-            "b": jnp.asarray(rng.normal(0, 0.3, (NUM_CLASSES + 1, *SHAPE)), jnp.float32)}
+    return {
+        "w": jnp.asarray(rng.uniform(0.5, 1.5, (T,)), jnp.float32),
+        "b": jnp.asarray(rng.normal(0, 0.3, (NUM_CLASSES + 1, *SHAPE)), jnp.float32)
+    }
 
 
 LABELS = jnp.array([0, 1, 2, 1], jnp.int32)
@@ -128,6 +130,7 @@ def test_ddim_eta1_with_all_steps_equals_ddpm_posterior_sampling(schedule):
     # DDIM's sigma^2 at eta=1, S=T is the posterior variance and its mean the posterior mean,
     # and both samplers key the step noise by timestep: the chains coincide.
     params, key = random_params(2), jax.random.key(7)
+
     def sampler(method, **kw):
         return sampling.make_sample_fn(random_model, params, schedule, image_shape=SHAPE,
                                        method=method, **kw)
@@ -238,8 +241,10 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_sampling_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu"
+    }
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
@@ -276,8 +281,9 @@ def test_npz_export_reads_back_through_the_npz_source(tmp_path):
     images, labels = sampling.load_samples(tmp_path)
     path = tmp_path / "out" / "synthetic.npz"
     assert sampling.export_npz(tmp_path, path, {"checkpoint_step": 7}) == 23
-    loaded = load_dataset(DataSpec(name="npz", data_dir=str(path), image_size=images.shape[1],
-                                   channels=images.shape[3]))
+    loaded = load_dataset(
+        DataSpec(name="npz", data_dir=str(path), image_size=images.shape[1],
+                 channels=images.shape[3]))
     np.testing.assert_array_equal(loaded.images, images)
     np.testing.assert_array_equal(loaded.labels, labels)
     with np.load(path, allow_pickle=False) as archive:

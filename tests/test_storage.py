@@ -7,8 +7,8 @@ import pytest
 from jaxdpdm import storage
 
 
-@pytest.mark.parametrize("url", ["gs://bucket/run", "gs://bucket/run/", "s3://b/x/y.json",
-                                 "gs://bucket/a/../b"])
+@pytest.mark.parametrize(
+    "url", ["gs://bucket/run", "gs://bucket/run/", "s3://b/x/y.json", "gs://bucket/a/../b"])
 def test_normalize_keeps_remote_urls_unchanged(url):
     assert storage.is_remote(url)
     assert storage.normalize(url) == url

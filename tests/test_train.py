@@ -38,8 +38,7 @@ def finished_run(tmp_path_factory, tiny_config):
     return trainer, trainer.run(), workdir
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config,
-                                                              finished_run):
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config, finished_run):
     full, _, _ = finished_run
     broken = Trainer(tiny_config(), str(tmp_path))
     step_once = broken.train_step
@@ -160,7 +159,8 @@ def test_missing_init_from_and_unwritable_workdir_fail_early(tmp_path, tiny_conf
 def test_eight_devices_train_like_one(run_multidevice, finished_run):
     """The same DP run on 8 simulated devices ends with the 1-device parameters."""
     trainer, _, workdir = finished_run
-    eight = run_multidevice(f"""
+    eight = run_multidevice(
+        f"""
         import importlib.util, jax, numpy as np
         from jaxdpdm.train import Trainer
         spec = importlib.util.spec_from_file_location("quickstart", "configs/quickstart.py")
@@ -177,6 +177,7 @@ def test_eight_devices_train_like_one(run_multidevice, finished_run):
 
 
 # --- hardening (issue 13): privacy holes and fault handling ------------------------------------
+
 
 def _copy_workdir(source, target):
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(LOCK_NAME))
@@ -223,14 +224,14 @@ def test_the_fingerprint_covers_the_content(tiny_config):
     assert original["num_examples"] == 1442 and sum(original["class_counts"]) == 1442
 
 
-def test_a_workdir_with_a_report_but_no_checkpoint_is_not_retrained_silently(tmp_path,
-                                                                            tiny_config,
-                                                                            finished_run):
+def test_a_workdir_with_a_report_but_no_checkpoint_is_not_retrained_silently(
+        tmp_path, tiny_config, finished_run):
     _, first, workdir = finished_run
     spent = _copy_workdir(workdir, tmp_path / "spent")
     shutil.rmtree(spent / "checkpoints")  # the checkpoints were lost, the release was not
-    with pytest.raises(ValueError, match="traces of an earlier DP run .*privacy_report.json"
-                                         ".*--allow_restart_spent_workdir"):
+    with pytest.raises(
+            ValueError, match="traces of an earlier DP run .*privacy_report.json"
+            ".*--allow_restart_spent_workdir"):
         Trainer(tiny_config(), str(spent))
     assert (spent / "privacy_report.json").exists()
 
@@ -238,10 +239,12 @@ def test_a_workdir_with_a_report_but_no_checkpoint_is_not_retrained_silently(tmp
     kept = json.loads((spent / "privacy_report.earlier-1.json").read_text())
     assert kept["guarantee"] == first["privacy"]["guarantee"]
     report = json.loads((spent / "privacy_report.json").read_text())
-    eps = [first["privacy"]["guarantee"]["epsilon_pld"], second["privacy"]["guarantee"]
-           ["epsilon_pld"]]
-    assert report["earlier_releases"] == [{"report": "privacy_report.earlier-1.json",
-                                           "epsilon_pld": eps[0], "delta": 1e-5}]
+    eps = [
+        first["privacy"]["guarantee"]["epsilon_pld"], second["privacy"]["guarantee"]["epsilon_pld"]
+    ]
+    assert report["earlier_releases"] == [{
+        "report": "privacy_report.earlier-1.json", "epsilon_pld": eps[0], "delta": 1e-5
+    }]
     assert report["composition"]["epsilon_total"] == pytest.approx(sum(eps))
     assert report["composition"]["delta_total"] == pytest.approx(2e-5)
     assert "EARLIER RELEASE" in (spent / "privacy_report.txt").read_text()

@@ -71,5 +71,5 @@ def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
 def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
     lock = WorkdirLock(str(tmp_path)).acquire()
     _write_holder(tmp_path, pid=1, host="someone-else", started="later")  # e.g. removed by hand,
-    lock.release()                                                       # then retaken
+    lock.release()  # then retaken
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "someone-else"

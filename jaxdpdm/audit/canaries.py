@@ -85,9 +85,9 @@ class CanarySet:
             return cls(**{field.name: f[field.name] for field in dataclasses.fields(cls)})
 
 
-def draw_canaries(kind: str, num_canaries: int, *, image_shape: tuple[int, int, int],
-                  num_classes: int, num_trainable: int,
-                  secret_seed: int | None = None) -> CanarySet:
+def draw_canaries(kind: str, num_canaries: int, *, image_shape: tuple[int, int,
+                                                                      int], num_classes: int,
+                  num_trainable: int, secret_seed: int | None = None) -> CanarySet:
     """Draws the canaries and their inclusion bits from the audit's own secret seed.
 
     The function sees no data and no training seed: the bits are independent of both by
@@ -116,9 +116,8 @@ def draw_canaries(kind: str, num_canaries: int, *, image_shape: tuple[int, int, 
     images = design.integers(0, 256, size=(m_in,) + tuple(image_shape), dtype=np.uint8)
     labels = design.integers(0, num_classes, size=m_in).astype(np.int32)
     coordinates = np.sort(design.choice(num_trainable, size=m_grad, replace=False)).astype(np.int64)
-    return CanarySet(input_images=images, input_labels=labels,
-                     input_bits=bits.random(m_in) < 0.5, coordinates=coordinates,
-                     gradient_bits=bits.random(m_grad) < 0.5)
+    return CanarySet(input_images=images, input_labels=labels, input_bits=bits.random(m_in) < 0.5,
+                     coordinates=coordinates, gradient_bits=bits.random(m_grad) < 0.5)
 
 
 class _Placement(NamedTuple):
@@ -263,8 +262,10 @@ class CanaryInjector:
 
 def released_scores(opt_state: PyTree) -> ReleaseTapState:
     """The gradient canaries' scores (numpy f32[m_grad] each) from a run's optimizer state."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ReleaseTapState))
-             if isinstance(s, ReleaseTapState)]
+    found = [
+        s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ReleaseTapState))
+        if isinstance(s, ReleaseTapState)
+    ]
     if len(found) != 1:
         raise ValueError(f"expected one canary release tap in the optimizer state, found "
                          f"{len(found)}")

@@ -73,16 +73,18 @@ def lower_bounds(scores: np.ndarray, included: np.ndarray, *, delta: float,
     }
 
 
-def audit_report(bounds: dict[str, dict], *, claimed_epsilon: float, delta: float,
-                 confidence: float, per_kind_confidence: float, privacy: dict,
-                 compute: dict) -> dict[str, Any]:
+def audit_report(bounds: dict[str,
+                              dict], *, claimed_epsilon: float, delta: float, confidence: float,
+                 per_kind_confidence: float, privacy: dict, compute: dict) -> dict[str, Any]:
     """The report: the claim, per canary kind its bounds and score, and a verdict.
 
     `per_kind_confidence` is the confidence of each bound: 1 - (1 - confidence) / k for the k
     kinds in the verdict, so that the verdict as a whole errs with probability <= 1 - confidence.
     """
-    exceeded = [k for k, b in bounds.items()
-                if k in VERDICT_KINDS and b["epsilon_lower_bound"] > claimed_epsilon]
+    exceeded = [
+        k for k, b in bounds.items()
+        if k in VERDICT_KINDS and b["epsilon_lower_bound"] > claimed_epsilon
+    ]
     if exceeded:
         verdict = (f"VIOLATION: the {' and '.join(exceeded)} canaries give an epsilon lower "
                    f"bound above the claimed {claimed_epsilon:.4g}. At {confidence:.0%} "
@@ -92,9 +94,11 @@ def audit_report(bounds: dict[str, dict], *, claimed_epsilon: float, delta: floa
         verdict = (f"consistent: every lower bound is at most the claimed epsilon "
                    f"{claimed_epsilon:.4g}.")
     return {
-        "claim": {"epsilon": claimed_epsilon, "delta": delta,
-                  "target_epsilon": privacy["guarantee"]["target_epsilon"],
-                  "accountant": privacy["guarantee"]["enforced_accountant"]},
+        "claim": {
+            "epsilon": claimed_epsilon, "delta": delta, "target_epsilon": privacy["guarantee"]
+                                                                          ["target_epsilon"],
+            "accountant": privacy["guarantee"]["enforced_accountant"]
+        },
         "confidence": confidence,
         "per_kind_confidence": per_kind_confidence,
         "methods": {
@@ -105,42 +109,50 @@ def audit_report(bounds: dict[str, dict], *, claimed_epsilon: float, delta: floa
                           "each kind's bound at per_kind_confidence, Bonferroni over the kinds "
                           "in the verdict)",
         },
-        "canaries": {kind: {"score": SCORES[kind], "in_verdict": kind in VERDICT_KINDS, **b}
-                     for kind, b in bounds.items()},
-        "mechanism": {k: privacy["mechanism"][k] for k in
-                      ("noise_multiplier", "sampling_rate", "steps", "expected_batch_size",
-                       "num_examples", "clip_norm")},
+        "canaries": {
+            kind: {"score": SCORES[kind], "in_verdict": kind in VERDICT_KINDS, **b}
+            for kind, b in bounds.items()
+        },
+        "mechanism": {
+            k: privacy["mechanism"][k] for k in ("noise_multiplier", "sampling_rate", "steps",
+                                                "expected_batch_size", "num_examples", "clip_norm")
+        },
         "compute": compute,
         "verdict": verdict,
-        "reading": (
-            "A lower bound is an epsilon that the observed canary guesses prove the run exceeds, "
-            f"with probability at least {confidence:.0%} if the claim were false only by chance. "
-            "A lower bound below the claim is consistent with it (it is not a proof: a weak "
-            "attack gives low bounds whatever the truth); a lower bound above the claim means the "
-            "implementation leaks more than it claims. White-box bounds come close to the claim "
-            "only at high epsilon and with many canaries; black-box bounds are usually far "
-            "below it. This model was trained WITH canaries: it is for auditing only, never "
-            "for release."),
+        "reading":
+            ("A lower bound is an epsilon that the observed canary guesses prove the run exceeds, "
+             f"with probability at least {confidence:.0%} if the claim were false only by chance. "
+             "A lower bound below the claim is consistent with it (it is not a proof: a weak "
+             "attack gives low bounds whatever the truth); a lower bound above the claim means the "
+             "implementation leaks more than it claims. White-box bounds come close to the claim "
+             "only at high epsilon and with many canaries; black-box bounds are usually far "
+             "below it. This model was trained WITH canaries: it is for auditing only, never "
+             "for release."),
     }
 
 
 def format_audit_report(report: dict[str, Any]) -> str:
     claim = report["claim"]
-    lines = [f"Privacy audit: claimed ({claim['epsilon']:.4g}, {claim['delta']:.2g})-DP "
-             f"({claim['accountant']} accountant), confidence {report['confidence']:.0%} "
-             f"(each bound: {report['per_kind_confidence']:.1%})", ""]
+    lines = [
+        f"Privacy audit: claimed ({claim['epsilon']:.4g}, {claim['delta']:.2g})-DP "
+        f"({claim['accountant']} accountant), confidence {report['confidence']:.0%} "
+        f"(each bound: {report['per_kind_confidence']:.1%})", ""
+    ]
     for kind, b in report["canaries"].items():
-        lines += [f"{kind} canaries ({b['num_canaries']}, {b['num_included']} included): "
-                  f"epsilon lower bound {b['epsilon_lower_bound']:.3f} "
-                  f"(f-DP method {b['epsilon_lower_bound_fdp']:.3f}), TPR at 1% FPR "
-                  f"{b['tpr_at_1pct_fpr']:.3f}, AUROC {b['auroc']:.3f}",
-                  f"  {b['score']}"]
+        lines += [
+            f"{kind} canaries ({b['num_canaries']}, {b['num_included']} included): "
+            f"epsilon lower bound {b['epsilon_lower_bound']:.3f} "
+            f"(f-DP method {b['epsilon_lower_bound_fdp']:.3f}), TPR at 1% FPR "
+            f"{b['tpr_at_1pct_fpr']:.3f}, AUROC {b['auroc']:.3f}", f"  {b['score']}"
+        ]
     m = report["mechanism"]
-    lines += ["", f"mechanism: sigma={m['noise_multiplier']:.4g}, q={m['sampling_rate']:.4g}, "
-              f"{m['steps']} steps, C={m['clip_norm']:.3g}, {m['num_examples']} examples "
-              "(canaries included)",
-              "compute: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["compute"].items()),
-              "", "Verdict: " + report["verdict"], "", report["reading"]]
+    lines += [
+        "", f"mechanism: sigma={m['noise_multiplier']:.4g}, q={m['sampling_rate']:.4g}, "
+        f"{m['steps']} steps, C={m['clip_norm']:.3g}, {m['num_examples']} examples "
+        "(canaries included)",
+        "compute: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["compute"].items()), "",
+        "Verdict: " + report["verdict"], "", report["reading"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -56,8 +56,8 @@ def _canary_factory(config, directory: str):
             canaries = CanarySet.load(path)
         else:
             canaries = draw_canaries(
-                config.audit.kind, config.audit.num_canaries,
-                image_shape=exp.dataset.image_shape, num_classes=exp.dataset.num_classes,
+                config.audit.kind, config.audit.num_canaries, image_shape=exp.dataset.image_shape,
+                num_classes=exp.dataset.num_classes,
                 num_trainable=num_trainable_coordinates(jax.eval_shape(exp.init_params),
                                                         config.dp.trainable),
                 secret_seed=_secret_seed())
@@ -69,8 +69,8 @@ def _canary_factory(config, directory: str):
     return make
 
 
-def input_canary_scores(exp, params, images: np.ndarray, labels: np.ndarray, *,
-                        num_timesteps: int, batch_size: int = 32) -> np.ndarray:
+def input_canary_scores(exp, params, images: np.ndarray, labels: np.ndarray, *, num_timesteps: int,
+                        batch_size: int = 32) -> np.ndarray:
     """Minus each canary's diffusion loss under `params`, over fixed timesteps and noise.
 
     Every canary sees the same n timesteps (evenly spread over [0, T)) and the same n noise
@@ -125,22 +125,28 @@ def run_audit(config, workdir: str) -> dict[str, Any]:
         tap = released_scores(trainer.state["opt_state"])
         scores["gradient"], scores["gradient_sum"] = tap.log_likelihood_ratio, tap.released
     if canaries.num_input:
-        scores["input"] = input_canary_scores(
-            trainer.exp, trainer.state["ema_params"], canaries.input_images,
-            canaries.input_labels, num_timesteps=config.audit.score_timesteps)
+        scores["input"] = input_canary_scores(trainer.exp, trainer.state["ema_params"],
+                                              canaries.input_images, canaries.input_labels,
+                                              num_timesteps=config.audit.score_timesteps)
     scored = time.perf_counter()
-    bits = {"gradient": canaries.gradient_bits, "gradient_sum": canaries.gradient_bits,
-            "input": canaries.input_bits}
+    bits = {
+        "gradient": canaries.gradient_bits, "gradient_sum": canaries.gradient_bits,
+        "input": canaries.input_bits
+    }
     privacy = result["privacy"]
     delta = privacy["guarantee"]["delta"]
     claimed = privacy["guarantee"][f"epsilon_{privacy['guarantee']['enforced_accountant']}"]
     # Bonferroni over the kinds in the verdict: the verdict errs with at most 1 - confidence.
     num_tests = sum(kind in VERDICT_KINDS for kind in scores)
     per_kind = 1.0 - (1.0 - config.audit.confidence) / num_tests
-    bounds = {kind: lower_bounds(s, bits[kind], delta=delta, confidence=per_kind)
-              for kind, s in scores.items()}
-    compute = {"training_seconds": trained - start, "scoring_seconds": scored - trained,
-               "statistics_seconds": time.perf_counter() - scored}
+    bounds = {
+        kind: lower_bounds(s, bits[kind], delta=delta, confidence=per_kind)
+        for kind, s in scores.items()
+    }
+    compute = {
+        "training_seconds": trained - start, "scoring_seconds": scored - trained,
+        "statistics_seconds": time.perf_counter() - scored
+    }
     report = audit_report(bounds, claimed_epsilon=claimed, delta=delta,
                           confidence=config.audit.confidence, per_kind_confidence=per_kind,
                           privacy=privacy, compute=compute)

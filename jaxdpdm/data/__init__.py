@@ -15,6 +15,13 @@ from jaxdpdm.data.preprocessing import (convert_channels, filter_classes, public
 from jaxdpdm.data.sources import load_dataset
 
 __all__ = [
-    "KNOWN_DATASETS", "DataSpec", "ImageDataset", "load_dataset", "filter_classes",
-    "split_public_private", "convert_channels", "resize_images", "public_private_indices",
+    "KNOWN_DATASETS",
+    "DataSpec",
+    "ImageDataset",
+    "load_dataset",
+    "filter_classes",
+    "split_public_private",
+    "convert_channels",
+    "resize_images",
+    "public_private_indices",
 ]

@@ -26,8 +26,10 @@ _SOURCE_OPTIONS = {
     "npz": frozenset({"data_dir", "skip_corrupt"}),
     "tfds": frozenset({"data_dir", "manual_dir", "download"}),
 }
-_OPTION_DEFAULTS = {"data_dir": None, "manual_dir": None, "download": False, "cache_dir": None,
-                    "skip_corrupt": False}
+_OPTION_DEFAULTS = {
+    "data_dir": None, "manual_dir": None, "download": False, "cache_dir": None,
+    "skip_corrupt": False
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,33 +206,40 @@ def _check(ok: bool, message: str) -> None:
 def _validate_spec(spec: DataSpec) -> None:
     """Raises ValueError for the first inconsistent DataSpec setting (checked in order)."""
     kind = source_kind(spec.name)
-    _check(_is_int(spec.image_size) and spec.image_size >= 1,
-           f"image_size must be an int >= 1, got {spec.image_size!r}")
-    _check(_is_int(spec.channels) and spec.channels in (1, 3),
-           f"channels must be 1 or 3, got {spec.channels!r}")
+    _check(
+        _is_int(spec.image_size) and spec.image_size >= 1,
+        f"image_size must be an int >= 1, got {spec.image_size!r}")
+    _check(
+        _is_int(spec.channels) and spec.channels in (1, 3),
+        f"channels must be 1 or 3, got {spec.channels!r}")
     _check(spec.max_examples is None or (_is_int(spec.max_examples) and spec.max_examples >= 1),
            f"max_examples must be None or an int >= 1, got {spec.max_examples!r}")
-    _check(spec.classes is None or (bool(spec.classes) and all(
-        _is_int(c) or isinstance(c, str) for c in spec.classes)),
+    _check(
+        spec.classes is None or
+        (bool(spec.classes) and all(_is_int(c) or isinstance(c, str) for c in spec.classes)),
         f"classes must be None or a non-empty tuple of class ids or names, got {spec.classes!r}")
     _check(spec.subset in ("all", "public", "private"),
            f"subset must be 'all', 'public' or 'private', got {spec.subset!r}")
-    _check(isinstance(spec.public_fraction, (int, float)) and not isinstance(
-        spec.public_fraction, bool), f"public_fraction must be a number, got "
+    _check(
+        isinstance(spec.public_fraction, (int, float)) and
+        not isinstance(spec.public_fraction, bool), f"public_fraction must be a number, got "
         f"{spec.public_fraction!r}")
     _check(spec.subset == "all" or 0.0 < spec.public_fraction < 1.0,
            f"subset={spec.subset!r} needs 0 < public_fraction < 1, got {spec.public_fraction}")
     _check(spec.subset != "all" or spec.public_fraction == 0.0,
            "public_fraction only applies with subset='public' or 'private'")
-    _check(_is_int(spec.split_seed) and spec.split_seed >= 0,
-           f"split_seed must be an int >= 0, got {spec.split_seed!r}")
+    _check(
+        _is_int(spec.split_seed) and spec.split_seed >= 0,
+        f"split_seed must be an int >= 0, got {spec.split_seed!r}")
     _check(kind not in ("digits", "idx") or spec.split in ("train", "test"),
            f"dataset {spec.name!r} has splits 'train' and 'test', got {spec.split!r}")
     if kind in ("image_folder", "npz"):
         _check(spec.data_dir is not None, f"dataset {spec.name!r} needs data_dir")
-        _check(spec.split == "train", f"dataset {spec.name!r} has no splits (got split="
-               f"{spec.split!r}); point data_dir at the data to load instead")
+        _check(
+            spec.split == "train", f"dataset {spec.name!r} has no splits (got split="
+            f"{spec.split!r}); point data_dir at the data to load instead")
     for option, default in _OPTION_DEFAULTS.items():
-        _check(getattr(spec, option) == default or option in _SOURCE_OPTIONS[kind],
-               f"{option} does not apply to dataset {spec.name!r} (it understands "
-               f"{sorted(_SOURCE_OPTIONS[kind]) or 'none'})")
+        _check(
+            getattr(spec, option) == default or option in _SOURCE_OPTIONS[kind],
+            f"{option} does not apply to dataset {spec.name!r} (it understands "
+            f"{sorted(_SOURCE_OPTIONS[kind]) or 'none'})")

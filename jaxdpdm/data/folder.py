@@ -63,17 +63,16 @@ def list_image_files(root: str | pathlib.Path) -> tuple[tuple[str, ...], list[li
     if not root.is_dir():
         raise FileNotFoundError(
             f"image folder {root} does not exist (expected {root}/<class name>/<image>.png)")
-    class_dirs = sorted((entry for entry in root.iterdir()
-                         if entry.is_dir() and not entry.name.startswith(".")),
-                        key=lambda entry: entry.name)
+    class_dirs = sorted(
+        (entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        key=lambda entry: entry.name)
     if not class_dirs:
         raise ValueError(f"image folder {root} has no class sub-folders; expected "
                          f"{root}/<class name>/<image>.png")
     files_per_class = []
     for class_dir in class_dirs:
-        files = sorted(entry for entry in class_dir.iterdir()
-                       if entry.is_file() and not entry.name.startswith(".")
-                       and entry.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(entry for entry in class_dir.iterdir() if entry.is_file() and
+                       not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"class folder {class_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} "
                              "files; remove it or add images")

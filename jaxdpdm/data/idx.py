@@ -33,8 +33,10 @@ from typing import Callable
 import numpy as np
 
 # IDX type code -> numpy dtype (big-endian, as stored).
-_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")
+}
 _GZIP_MAGIC = b"\x1f\x8b"
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -75,16 +77,14 @@ FASHION_MNIST = IdxDatasetInfo(
     name="fashion_mnist",
     base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     files={
-        "train": (
-            RemoteFile("train-images-idx3-ubyte.gz",
-                       "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
-            RemoteFile("train-labels-idx1-ubyte.gz",
-                       "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845")),
-        "test": (
-            RemoteFile("t10k-images-idx3-ubyte.gz",
-                       "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz",
-                       "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")),
+        "train": (RemoteFile("train-images-idx3-ubyte.gz",
+                             "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+                  RemoteFile("train-labels-idx1-ubyte.gz",
+                             "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845")),
+        "test": (RemoteFile("t10k-images-idx3-ubyte.gz",
+                            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+                 RemoteFile("t10k-labels-idx1-ubyte.gz",
+                            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")),
     },
     class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle boot"),
@@ -96,16 +96,14 @@ MNIST = IdxDatasetInfo(
     name="mnist",
     base_url="https://storage.googleapis.com/cvdf-datasets/mnist/",
     files={
-        "train": (
-            RemoteFile("train-images-idx3-ubyte.gz",
-                       "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-            RemoteFile("train-labels-idx1-ubyte.gz",
-                       "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c")),
-        "test": (
-            RemoteFile("t10k-images-idx3-ubyte.gz",
-                       "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz",
-                       "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6")),
+        "train": (RemoteFile("train-images-idx3-ubyte.gz",
+                             "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+                  RemoteFile("train-labels-idx1-ubyte.gz",
+                             "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c")),
+        "test": (RemoteFile("t10k-images-idx3-ubyte.gz",
+                            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+                 RemoteFile("t10k-labels-idx1-ubyte.gz",
+                            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6")),
     },
     class_names=tuple(str(digit) for digit in range(10)),
 )
@@ -244,8 +242,7 @@ def default_cache_dir(name: str) -> pathlib.Path:
 
 def load_idx_split(info: IdxDatasetInfo, split: str, *, data_dir: str | None = None,
                    download: bool = False, cache_dir: str | None = None,
-                   opener: Callable = urllib.request.urlopen
-                   ) -> tuple[np.ndarray, np.ndarray, str]:
+                   opener: Callable = urllib.request.urlopen) -> tuple[np.ndarray, np.ndarray, str]:
     """Loads one split of an IDX dataset.
 
     Lookup order: `data_dir` if given (never downloaded into); else the cache if it already
@@ -297,8 +294,11 @@ def _has_files(info: IdxDatasetInfo, split: str, directory: pathlib.Path) -> boo
 def _require_files(info: IdxDatasetInfo, split: str, directory: pathlib.Path) -> None:
     if not directory.is_dir():
         raise FileNotFoundError(f"{info.name}: data_dir {directory} does not exist")
-    missing = [remote.file_name for remote in info.files[split]
-               if find_idx_file(directory, remote.file_name) is None]
+    missing = [
+        remote.file_name
+        for remote in info.files[split]
+        if find_idx_file(directory, remote.file_name) is None
+    ]
     if missing:
         raise FileNotFoundError(
             f"{info.name}: {directory} lacks {missing} (gzip or raw IDX). Download them from "

@@ -94,8 +94,7 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return luma.astype(np.uint8)[..., None]
 
 
-def select_classes(labels: np.ndarray,
-                   keep: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def select_classes(labels: np.ndarray, keep: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Keeps the examples whose label is in `keep` and relabels them 0..k-1.
 
     The new label of an example is the position of its old label in `keep`, so the caller
@@ -130,10 +129,9 @@ def split_order_keys(num_examples: int, seed: int) -> np.ndarray:
     """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(struct.pack("<QQ", seed, i), digest_size=8).digest(),
-                        "little") for i in range(num_examples)),
-        dtype=np.uint64, count=num_examples)
+    return np.fromiter((int.from_bytes(
+        hashlib.blake2b(struct.pack("<QQ", seed, i), digest_size=8).digest(), "little")
+                        for i in range(num_examples)), dtype=np.uint64, count=num_examples)
 
 
 def public_private_indices(labels: np.ndarray, public_fraction: float, *,
@@ -195,9 +193,10 @@ def split_public_private(dataset: ImageDataset, public_fraction: float, *,
     """Disjoint (public, private) parts of `dataset`; see `public_private_indices`."""
     public, private = public_private_indices(dataset.labels, public_fraction, seed=seed)
     how = f"public_fraction={public_fraction}, seed={seed}"
-    return tuple(dataclasses.replace(dataset.subset(positions),
-                                     source=f"{dataset.source} [{part} part, {how}]")
-                 for part, positions in (("public", public), ("private", private)))
+    return tuple(
+        dataclasses.replace(dataset.subset(positions),
+                            source=f"{dataset.source} [{part} part, {how}]")
+        for part, positions in (("public", public), ("private", private)))
 
 
 def _check_image_batch(images: np.ndarray) -> None:

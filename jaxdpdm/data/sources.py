@@ -64,11 +64,11 @@ def _load_source(spec: DataSpec) -> ImageDataset:
         return _load_digits(spec.split)
     if kind == "idx":
         info = idx.IDX_DATASETS[spec.name]
-        images, labels, directory = idx.load_idx_split(
-            info, spec.split, data_dir=spec.data_dir, download=spec.download,
-            cache_dir=spec.cache_dir)
-        return ImageDataset(images, labels, len(info.class_names), info.class_names,
-                            spec.name, f"IDX files in {directory} (split {spec.split})")
+        images, labels, directory = idx.load_idx_split(info, spec.split, data_dir=spec.data_dir,
+                                                       download=spec.download,
+                                                       cache_dir=spec.cache_dir)
+        return ImageDataset(images, labels, len(info.class_names), info.class_names, spec.name,
+                            f"IDX files in {directory} (split {spec.split})")
     if kind == "image_folder":
         loaded = folder.load_image_folder(spec.data_dir, image_size=spec.image_size,
                                           channels=spec.channels, skip_corrupt=spec.skip_corrupt)
@@ -92,9 +92,10 @@ def _load_digits(split: str) -> ImageDataset:
         members = np.flatnonzero(labels == label)
         is_test[members[4::5]] = True
     keep = is_test if split == "test" else ~is_test
-    return ImageDataset(pixels[keep], labels[keep], 10, tuple(str(d) for d in range(10)),
-                        "digits", f"sklearn.datasets.load_digits (split {split}: every 5th "
-                        "example of each class is test)")
+    return ImageDataset(
+        pixels[keep], labels[keep], 10, tuple(str(d) for d in range(10)), "digits",
+        f"sklearn.datasets.load_digits (split {split}: every 5th "
+        "example of each class is test)")
 
 
 def _load_npz(spec: DataSpec) -> ImageDataset:
@@ -149,8 +150,8 @@ def _load_npz(spec: DataSpec) -> ImageDataset:
                 f"{_short_list(missing)} have no examples, which would make {num_classes} "
                 f"classes; store 'class_names' in the file to declare empty classes, or set "
                 f"data.classes to the labels to keep (they are relabelled 0..k-1)")
-    return ImageDataset(np.concatenate(images), labels, num_classes,
-                        class_names or tuple(str(c) for c in range(num_classes)), spec.name,
+    return ImageDataset(np.concatenate(images), labels, num_classes, class_names or
+                        tuple(str(c) for c in range(num_classes)), spec.name,
                         f"npz {path} ({len(files)} file{'s' * (len(files) > 1)})",
                         num_skipped=len(skipped), skipped_files=tuple(skipped))
 
@@ -198,6 +199,7 @@ def _npz_contents(file: pathlib.Path, arrays: dict[str, np.ndarray]):
     names = tuple(str(n) for n in arrays["class_names"]) if "class_names" in arrays else None
     return images, labels.astype(np.int32), names
 
+
 TFDS_INSTALL = "pip install 'jaxdpdm[tfds]'"
 
 
@@ -220,8 +222,8 @@ def _prepared_tfds_builder(spec: DataSpec):
     try:
         builder = tfds.builder(tfds_name, data_dir=spec.data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(f"TFDS has no dataset {tfds_name!r} ({error.args[0].splitlines()[0]})"
-                         ) from error
+        raise ValueError(
+            f"TFDS has no dataset {tfds_name!r} ({error.args[0].splitlines()[0]})") from error
     if not builder.is_prepared():
         if not spec.download:
             raise FileNotFoundError(
@@ -252,8 +254,8 @@ def _load_tfds(spec: DataSpec) -> ImageDataset:
         raise ValueError(f"TFDS dataset {spec.name!r}: label {supervised[1]!r} is not a "
                          "ClassLabel, so there are no classes")
     split = spec.split
-    if (spec.max_examples is not None and spec.classes is None and spec.subset == "all"
-            and "[" not in split):
+    if (spec.max_examples is not None and spec.classes is None and spec.subset == "all" and
+            "[" not in split):
         split = f"{split}[:{spec.max_examples}]"  # read only what will be kept
     images, labels = [], []
     for batch_images, batch_labels in _iterate_tfds_batches(builder, split):

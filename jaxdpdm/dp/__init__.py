@@ -17,11 +17,24 @@ from jaxdpdm.dp.clipping import (ClipStats, as_typed_key, clipped_grad_sum, per_
 from jaxdpdm.dp.noise import DPAggregateState, dp_aggregate, noise_key
 
 __all__ = [
-    "BudgetExceededError", "ClipStats", "DPAggregateState", "PrivacyLedger", "accounting",
+    "BudgetExceededError",
+    "ClipStats",
+    "DPAggregateState",
+    "PrivacyLedger",
+    "accounting",
     "as_typed_key",
-    "batching", "calibrate_noise_multiplier", "clipped_grad_sum", "dp_aggregate", "epsilon",
-    "host_slice", "noise_key", "per_example_keys", "poisson_sample",
-    "shuffled_batch", "split_into_chunks", "trainable_mask",
+    "batching",
+    "calibrate_noise_multiplier",
+    "clipped_grad_sum",
+    "dp_aggregate",
+    "epsilon",
+    "host_slice",
+    "noise_key",
+    "per_example_keys",
+    "poisson_sample",
+    "shuffled_batch",
+    "split_into_chunks",
+    "trainable_mask",
 ]
 
 _ACCOUNTING = ("BudgetExceededError", "PrivacyLedger", "calibrate_noise_multiplier", "epsilon")

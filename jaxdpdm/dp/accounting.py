@@ -44,6 +44,7 @@ class BudgetExceededError(RuntimeError):
 
 # --- validation -------------------------------------------------------------------------------------
 
+
 def _check_accountant(accountant: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}")
@@ -57,9 +58,10 @@ def _check_delta(delta: float, num_examples: int | None) -> float:
         if int(num_examples) != num_examples or num_examples < 1:
             raise ValueError(f"num_examples must be a positive integer; got {num_examples!r}")
         if delta >= 1 / num_examples:
-            warnings.warn(f"delta={delta} >= 1/N = {1 / num_examples:.3g}: a mechanism that "
-                          "publishes one random example outright satisfies this guarantee; "
-                          "use delta << 1/N", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"delta={delta} >= 1/N = {1 / num_examples:.3g}: a mechanism that "
+                "publishes one random example outright satisfies this guarantee; "
+                "use delta << 1/N", UserWarning, stacklevel=3)
     return float(delta)
 
 
@@ -89,6 +91,7 @@ def _check_steps(steps: int) -> int:
 
 # --- epsilon of a list of phases --------------------------------------------------------------------
 
+
 def _pld_discretization(phases) -> float:
     """Grid width for a PLD computation over `phases`.
 
@@ -99,7 +102,7 @@ def _pld_discretization(phases) -> float:
     where the extra looseness is irrelevant.
     """
     smallest = min((sigma for sigma, _, steps in phases if steps > 0 and sigma > 0), default=1.0)
-    return PLD_DISCRETIZATION * max(1.0, (_PLD_FULL_RESOLUTION_SIGMA / smallest) ** 2)
+    return PLD_DISCRETIZATION * max(1.0, (_PLD_FULL_RESOLUTION_SIGMA / smallest)**2)
 
 
 def _make_accountant(accountant: str, phases) -> dp_accounting.PrivacyAccountant:
@@ -113,7 +116,9 @@ def _dp_event(phases) -> dp_accounting.DpEvent:
     return dp_accounting.ComposedDpEvent([
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in phases if steps > 0])
+        for sigma, q, steps in phases
+        if steps > 0
+    ])
 
 
 @functools.lru_cache(maxsize=512)
@@ -154,13 +159,14 @@ def _gaussian_dp_sigma(target_epsilon: float, delta: float, q: float, steps: int
     delta(eps) = Phi(-eps / mu + mu / 2) - exp(eps) Phi(-eps / mu - mu / 2). Only a guess: the
     accountant decides.
     """
+
     def delta_of_mu(mu: float) -> float:
-        return (stats.norm.cdf(-target_epsilon / mu + mu / 2)
-                - math.exp(target_epsilon) * stats.norm.cdf(-target_epsilon / mu - mu / 2))
+        return (stats.norm.cdf(-target_epsilon / mu + mu / 2) -
+                math.exp(target_epsilon) * stats.norm.cdf(-target_epsilon / mu - mu / 2))
 
     try:
         mu = optimize.brentq(lambda m: delta_of_mu(m) - delta, 1e-6, 1e3)
-        return 1.0 / math.sqrt(math.log1p((mu / (q * math.sqrt(steps))) ** 2))
+        return 1.0 / math.sqrt(math.log1p((mu / (q * math.sqrt(steps)))**2))
     except (OverflowError, ValueError, ZeroDivisionError):
         return 1.0  # extreme epsilons: start the bracket search from sigma = 1
 
@@ -181,8 +187,9 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
     delta, accountant = _check_delta(delta, num_examples), _check_accountant(accountant)
     if steps == 0:
         return 0.0
-    log.info("calibrating the noise multiplier: epsilon=%g at delta=%g over %d steps at "
-             "q=%.4g (%s accountant)", target, delta, steps, q, accountant)
+    log.info(
+        "calibrating the noise multiplier: epsilon=%g at delta=%g over %d steps at "
+        "q=%.4g (%s accountant)", target, delta, steps, q, accountant)
     start = last_report = time.perf_counter()
     evaluations = 0
 
@@ -193,8 +200,9 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
         now = time.perf_counter()
         if now - last_report >= _PROGRESS_EVERY_S:
             last_report = now
-            log.info("calibrating: sigma=%.4f gives epsilon=%.4f (target %g); %d accountant "
-                     "evaluations, %.0f s so far", sigma, spent, target, evaluations, now - start)
+            log.info(
+                "calibrating: sigma=%.4f gives epsilon=%.4f (target %g); %d accountant "
+                "evaluations, %.0f s so far", sigma, spent, target, evaluations, now - start)
         return spent - target
 
     # Bracket the root, [low, high] with gap(low) > 0 >= gap(high), around the Gaussian-DP (CLT)
@@ -219,6 +227,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
 
 
 # --- the ledger ------------------------------------------------------------------------------------
+
 
 class PrivacyLedger:
     """The privacy history of one training run, enforcing a hard epsilon budget.
@@ -280,7 +289,7 @@ class PrivacyLedger:
             if refused is None:
                 probe = max(phase_steps, 2 * allowed)  # doubling: O(log T) probes over a run
             else:
-                probe = (allowed + refused) // 2       # allowed < phase_steps < refused
+                probe = (allowed + refused) // 2  # allowed < phase_steps < refused
             if self._within_budget(prefix, sigma, q, probe):
                 allowed = probe
             else:
@@ -332,8 +341,9 @@ class PrivacyLedger:
             "delta": self.delta,
             "accountant": self.accountant,
             "num_examples": self.num_examples,
-            "phases": [{"noise_multiplier": s, "sampling_rate": q, "steps": n}
-                       for s, q, n in self._phases],
+            "phases": [
+                {"noise_multiplier": s, "sampling_rate": q, "steps": n} for s, q, n in self._phases
+            ],
             "spent_epsilon": self.spent_epsilon(),
         }
 
@@ -342,8 +352,8 @@ class PrivacyLedger:
         """Rebuilds a ledger from `to_dict()` output (the epsilon is recomputed, not read)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the delta >= 1/N warning was given at creation
-            ledger = cls(record["target_epsilon"], record["delta"],
-                         accountant=record["accountant"], num_examples=record.get("num_examples"))
+            ledger = cls(record["target_epsilon"], record["delta"], accountant=record["accountant"],
+                         num_examples=record.get("num_examples"))
         for phase in record["phases"]:
             sigma = _check_sigma(phase["noise_multiplier"])
             q = _check_rate(phase["sampling_rate"])

@@ -62,7 +62,8 @@ def shuffled_batch(num_examples: int, batch_size: int, *, seed: int, step: int) 
     if int(num_examples) != num_examples or num_examples < 1:
         raise ValueError(f"num_examples must be a positive integer; got {num_examples!r}")
     if int(batch_size) != batch_size or not 1 <= batch_size <= num_examples:
-        raise ValueError(f"batch_size must be an integer in [1, {num_examples}]; got {batch_size!r}")
+        raise ValueError(
+            f"batch_size must be an integer in [1, {num_examples}]; got {batch_size!r}")
     _check_seed_step(seed, step)
     per_epoch = int(num_examples) // int(batch_size)
     epoch, position = divmod(int(step), per_epoch)

@@ -89,7 +89,8 @@ def trainable_mask(params: PyTree, trainable: PyTree | str | None) -> PyTree:
         try:
             flags = treedef.flatten_up_to(trainable)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"trainable mask does not match the parameter structure: {err}") from err
+            raise ValueError(
+                f"trainable mask does not match the parameter structure: {err}") from err
         try:
             # Concrete Python bools: the split into differentiated / frozen leaves is static.
             mask = treedef.unflatten([bool(f) for f in flags])
@@ -225,9 +226,10 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
     clip_norm = float(clip_norm)
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 (math.inf disables clipping); got {clip_norm}")
-    if microbatch_size is not None and (int(microbatch_size) != microbatch_size
-                                        or microbatch_size < 1):
-        raise ValueError(f"microbatch_size must be a positive integer or None; got {microbatch_size}")
+    if microbatch_size is not None and (int(microbatch_size) != microbatch_size or
+                                        microbatch_size < 1):
+        raise ValueError(
+            f"microbatch_size must be a positive integer or None; got {microbatch_size}")
 
     def grad_fn(params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array):
         mask = jnp.asarray(mask)
@@ -257,16 +259,17 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
 
         def microbatch_sum(mb_batch, mb_mask, mb_keys):
             losses, clipped, norms, finite = jax.vmap(
-                lambda ex, k: _clip_one(loss_of_trainable, clip_norm, train_leaves, ex, k)
-            )(mb_batch, mb_keys)
+                lambda ex, k: _clip_one(loss_of_trainable, clip_norm, train_leaves, ex, k))(
+                    mb_batch, mb_keys)
             keep = mb_mask & finite
-            sums = [jnp.sum(jnp.where(keep.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0.0), axis=0)
-                    for c in clipped]
-            stats = ClipStats(
-                norms=jnp.where(mb_mask, norms, 0.0),
-                losses=jnp.where(mb_mask, losses, 0.0),
-                num_clipped=jnp.sum(keep & (norms > clip_norm), dtype=jnp.int32),
-                num_nonfinite=jnp.sum(mb_mask & ~finite, dtype=jnp.int32))
+            sums = [
+                jnp.sum(jnp.where(keep.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0.0), axis=0)
+                for c in clipped
+            ]
+            stats = ClipStats(norms=jnp.where(mb_mask, norms,
+                                              0.0), losses=jnp.where(mb_mask, losses, 0.0),
+                              num_clipped=jnp.sum(keep & (norms > clip_norm), dtype=jnp.int32),
+                              num_nonfinite=jnp.sum(mb_mask & ~finite, dtype=jnp.int32))
             return sums, stats
 
         if micro == batch_size:
@@ -279,8 +282,8 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
                 del mb_batch, mb_keys
                 zeros = ([jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
                          ClipStats(jnp.zeros(mb_mask.shape, jnp.float32),
-                                   jnp.zeros(mb_mask.shape, jnp.float32),
-                                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
+                                   jnp.zeros(mb_mask.shape, jnp.float32), jnp.zeros((), jnp.int32),
+                                   jnp.zeros((), jnp.int32)))
                 return _vary_over_manual_axes(zeros)
 
             def body(carry, xs):
@@ -288,17 +291,17 @@ def clipped_grad_sum(loss_fn: LossFn, *, clip_norm: float, microbatch_size: int 
                 # Poisson draws are padded to a fixed shape; a microbatch of padding only
                 # contributes zero, so its forward and backward passes are skipped outright.
                 sums, st = jax.lax.cond(jnp.any(xs[1]), microbatch_sum, skipped, *xs)
-                carry = ([a + s for a, s in zip(acc_sums, sums)],
-                         acc_clipped + st.num_clipped, acc_nonfinite + st.num_nonfinite)
+                carry = ([a + s for a, s in zip(acc_sums, sums)], acc_clipped + st.num_clipped,
+                         acc_nonfinite + st.num_nonfinite)
                 return carry, (st.norms, st.losses)
 
-            init = _vary_over_manual_axes((
-                [jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
-                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
+            init = _vary_over_manual_axes(
+                ([jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
+                 jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
             (sums, n_clipped, n_nonfinite), (norms, losses) = jax.lax.scan(
                 body, init, (jax.tree.map(split, batch), split(mask), split(keys)))
-            stats = ClipStats(norms.reshape(batch_size), losses.reshape(batch_size),
-                              n_clipped, n_nonfinite)
+            stats = ClipStats(norms.reshape(batch_size), losses.reshape(batch_size), n_clipped,
+                              n_nonfinite)
 
         out = [jnp.zeros(leaf.shape, jnp.float32) for leaf in leaves]
         for i, s in zip(train_ids, sums):

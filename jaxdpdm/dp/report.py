@@ -26,8 +26,7 @@ _RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples
 
 def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_trainable: int,
                    dataset: str, stopped_by_budget: bool, calibrated: bool,
-                   seed_fixed: bool | None = False,
-                   earlier_releases: list[dict] | None = None,
+                   seed_fixed: bool | None = False, earlier_releases: list[dict] | None = None,
                    initial_model: dict | None = None) -> dict[str, Any]:
     """Collects the guarantee of a finished (or stopped) DP run.
 
@@ -78,11 +77,11 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
         },
         "protected": f"each of the {num_examples} training examples of this run: {dataset}",
         "not_protected": _unprotected(initial_model),
-        "not_covered": (
-            "The guarantee covers the released model parameters and everything sampled from "
-            "them. The training logs (losses, gradient-norm quantiles, fraction clipped) are "
-            "computed from the private data without noise: do not publish them. "
-            "Hyperparameters tuned on the private data are not accounted for."),
+        "not_covered":
+            ("The guarantee covers the released model parameters and everything sampled from "
+             "them. The training logs (losses, gradient-norm quantiles, fraction clipped) are "
+             "computed from the private data without noise: do not publish them. "
+             "Hyperparameters tuned on the private data are not accounted for."),
     }
     if earlier:
         report["earlier_releases"] = earlier
@@ -97,8 +96,8 @@ def _composition(guarantee: dict, earlier: list[dict]) -> dict[str, Any]:
     return {
         "rule": "basic composition: the releases of this workdir together satisfy "
                 "(sum of epsilons, sum of deltas)-DP for the data they share",
-        "epsilon_total": (guarantee["epsilon_pld"] + sum(e["epsilon_pld"] for e in earlier)
-                          if known else None),
+        "epsilon_total":
+            (guarantee["epsilon_pld"] + sum(e["epsilon_pld"] for e in earlier) if known else None),
         "delta_total": (guarantee["delta"] + sum(e["delta"] for e in earlier) if known else None),
     }
 
@@ -124,16 +123,15 @@ def archive_earlier_reports(workdir: str, traces: list[str]) -> list[dict]:
             if name in traces:
                 storage.rename(storage.join(workdir, name), storage.join(workdir, kept))
     releases = []
-    names = sorted(storage.listdir(workdir),
-                   key=lambda n: int(m.group(1)) if (m := _EARLIER.match(n)) else -1)
+    names = sorted(storage.listdir(workdir), key=lambda n: int(m.group(1))
+                   if (m := _EARLIER.match(n)) else -1)
     for name in names:
         if _EARLIER.match(name):
             g = json.loads(storage.read_text(storage.join(workdir, name)))["guarantee"]
-            releases.append({"report": name, "epsilon_pld": g["epsilon_pld"],
-                             "delta": g["delta"]})
+            releases.append({"report": name, "epsilon_pld": g["epsilon_pld"], "delta": g["delta"]})
     if not releases:
-        releases.append({"report": None, "epsilon_pld": None, "delta": None,
-                         "traces": list(traces)})
+        releases.append(
+            {"report": None, "epsilon_pld": None, "delta": None, "traces": list(traces)})
     return releases
 
 
@@ -152,8 +150,8 @@ def delta_check(delta: float, num_examples: int) -> dict[str, Any]:
 def _unprotected(initial_model: dict | None) -> str | None:
     if initial_model is None:
         return None
-    how = ("without privacy" if initial_model["phase"] == "pretrain"
-           else "by an earlier DP run, whose own guarantee covers them")
+    how = ("without privacy" if initial_model["phase"] == "pretrain" else
+           "by an earlier DP run, whose own guarantee covers them")
     return (f"the {initial_model['num_examples']} images that trained the initial model "
             f"({initial_model['workdir']}, {initial_model['steps']} {initial_model['phase']} "
             f"steps) {how}: {initial_model['dataset']}")
@@ -200,16 +198,22 @@ def format_privacy_report(report: dict[str, Any]) -> str:
     if t["stopped_by_budget"]:
         lines.append("Training stopped early: the next step would have exceeded the budget.")
     if g.get("seed_fixed_by_config"):
-        lines += ["", "WARNING: the seed was fixed by the config, so the noise and the batches "
-                  "are reproducible by anyone who has the config: the guarantee does not hold "
-                  "against them. Train private data with an unset (secret) seed."]
+        lines += [
+            "", "WARNING: the seed was fixed by the config, so the noise and the batches "
+            "are reproducible by anyone who has the config: the guarantee does not hold "
+            "against them. Train private data with an unset (secret) seed."
+        ]
     elif g.get("seed_fixed_by_config") is None:
-        lines += ["", "Seed: not recorded by the checkpoint this run resumed (it may have been "
-                  "fixed by the config)."]
+        lines += [
+            "", "Seed: not recorded by the checkpoint this run resumed (it may have been "
+            "fixed by the config)."
+        ]
     for e in report.get("earlier_releases", []):
-        lines += ["", "EARLIER RELEASE in this workdir: "
-                  + (f"{e['report']}: ({e['epsilon_pld']:.3f}, {e['delta']:.1e})-DP"
-                     if e["report"] else f"of unknown epsilon (traces: {', '.join(e['traces'])})")]
+        lines += [
+            "", "EARLIER RELEASE in this workdir: " +
+            (f"{e['report']}: ({e['epsilon_pld']:.3f}, {e['delta']:.1e})-DP"
+             if e["report"] else f"of unknown epsilon (traces: {', '.join(e['traces'])})")
+        ]
     if "composition" in report:
         c = report["composition"]
         lines.append("Together with this run: " + (

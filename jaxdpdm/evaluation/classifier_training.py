@@ -202,11 +202,10 @@ def _compiled_train_step(model: str, num_classes: int, optimizer: str, augment: 
     module = classifier_for(model, num_classes)
     direction = _update_direction(optimizer)
 
-    def step(params, opt_state, images_u8, labels, indices, step_key, learning_rate,
-             weight_decay):
+    def step(params, opt_state, images_u8, labels, indices, step_key, learning_rate, weight_decay):
         augment_key, dropout_key = jax.random.split(step_key)
-        images = augment_images(to_model_range(images_u8), indices, augment_key,
-                                kind=augment, crop_padding=crop_padding)
+        images = augment_images(to_model_range(images_u8), indices, augment_key, kind=augment,
+                                crop_padding=crop_padding)
 
         def loss_fn(p):
             logits = module.apply({"params": p}, images, train=True, rngs={"dropout": dropout_key})
@@ -236,8 +235,8 @@ def _update_direction(optimizer: str) -> optax.GradientTransformation:
 def _compiled_predict(model: str, num_classes: int):
     """Jitted predict(params, images u8[B, H, W, C]) -> i32[B] argmax class (eval mode)."""
     module = classifier_for(model, num_classes)
-    return jax.jit(lambda params, images_u8: jnp.argmax(module.apply(
-        {"params": params}, to_model_range(images_u8), train=False), axis=-1))
+    return jax.jit(lambda params, images_u8: jnp.argmax(
+        module.apply({"params": params}, to_model_range(images_u8), train=False), axis=-1))
 
 
 def predict(trained: TrainedClassifier, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -265,9 +264,8 @@ def accuracy(trained: TrainedClassifier, images: np.ndarray, labels: np.ndarray,
     return float(np.mean(predict(trained, images, batch_size) == labels))
 
 
-def train_classifier(train_images: np.ndarray, train_labels: np.ndarray,
-                     val_images: np.ndarray, val_labels: np.ndarray, cfg: TrainConfig, *,
-                     num_classes: int | None = None,
+def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
+                     val_labels: np.ndarray, cfg: TrainConfig, *, num_classes: int | None = None,
                      monitor_sets: Mapping[str, Split] | None = None,
                      progress: ProgressFn | None = None) -> TrainedClassifier:
     """Trains `cfg.model` and keeps the params of its best epoch on the validation set.
@@ -285,8 +283,10 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray,
     cfg.validate()
     if {"train", "val"} & set(monitor_sets or {}):
         raise ValueError('monitor_sets may not be named "train" or "val"')
-    sets = {"train": (train_images, train_labels), "val": (val_images, val_labels),
-            **(monitor_sets or {})}
+    sets = {
+        "train": (train_images, train_labels), "val": (val_images, val_labels),
+        **(monitor_sets or {})
+    }
     sets = {name: check_split(*split, f"{name} set") for name, split in sets.items()}
     num_classes = num_classes or int(max(sets["train"][1].max(), sets["val"][1].max())) + 1
     for name, split in sets.items():
@@ -313,10 +313,11 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray,
         for step_in_epoch in range(steps_per_epoch):
             step = (epoch - 1) * steps_per_epoch + step_in_epoch
             indices = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
-            params, opt_state, loss = step_fn(
-                params, opt_state, train_images[indices], train_labels[indices],
-                indices.astype(np.int32), jax.random.fold_in(train_key, step),
-                np.float32(_learning_rate(cfg, step, total_steps)), np.float32(cfg.weight_decay))
+            params, opt_state, loss = step_fn(params, opt_state, train_images[indices],
+                                              train_labels[indices], indices.astype(np.int32),
+                                              jax.random.fold_in(train_key, step),
+                                              np.float32(_learning_rate(cfg, step, total_steps)),
+                                              np.float32(cfg.weight_decay))
             losses.append(loss)
         train_losses.append(float(jnp.mean(jnp.stack(losses))))
         probe = TrainedClassifier(cfg.model, num_classes, params, epoch, (), (), {})
@@ -331,9 +332,10 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray,
         if progress is not None:
             progress(epoch, metrics)
 
-    selections = {name: TrainedClassifier(cfg.model, num_classes, best[name][2], best[name][1],
-                                          tuple(history[name]), tuple(train_losses), {})
-                  for name in sets}
+    selections = {
+        name: TrainedClassifier(cfg.model, num_classes, best[name][2], best[name][1],
+                                tuple(history[name]), tuple(train_losses), {}) for name in sets
+    }
     return dataclasses.replace(selections.pop("val"), monitored=selections)
 
 

@@ -81,8 +81,11 @@ def sha256(path: str) -> str:
 def save_flat_npz(flat: Mapping[str, np.ndarray], out_path: str | os.PathLike) -> str:
     """Validates `flat` as FID Inception weights and writes it as `.npz` atomically."""
     inception.variables_from_flat(flat)  # raises ValueError naming the first bad parameter
-    keep = {k: np.asarray(v, np.float32) for k, v in flat.items()
-            if k in inception.reference_param_shapes() or k in inception.FID_FC_SHAPES}
+    keep = {
+        k: np.asarray(v, np.float32)
+        for k, v in flat.items()
+        if k in inception.reference_param_shapes() or k in inception.FID_FC_SHAPES
+    }
     out_path = os.fspath(out_path)
     directory = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(directory, exist_ok=True)

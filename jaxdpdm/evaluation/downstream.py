@@ -25,8 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxdpdm.evaluation.classifier_training import (ProgressFn, Split, TrainConfig, accuracy,
-                                                    check_split, split_holdout,
-                                                    train_classifier)
+                                                    check_split, split_holdout, train_classifier)
 
 SWEEPABLE_FIELDS = ("learning_rate", "epochs", "weight_decay", "batch_size")
 
@@ -45,19 +44,21 @@ def sweep_configs(cfg: TrainConfig, sweep: Mapping[str, Sequence] | None) -> lis
         if isinstance(values, (str, bytes)) or len(values) == 0:
             raise ValueError(f"sweep[{field!r}] must be a non-empty sequence; got {values!r}")
     # Cast to the field's type so numpy scalars from a grid stay JSON-serialisable.
-    configs = [dataclasses.replace(cfg, **{field: type(getattr(cfg, field))(value)
-                                           for field, value in zip(sweep, combo)})
-               for combo in itertools.product(*sweep.values())]
+    configs = [
+        dataclasses.replace(
+            cfg, **{field: type(getattr(cfg, field))(value)
+                    for field, value in zip(sweep, combo)})
+        for combo in itertools.product(*sweep.values())
+    ]
     for candidate in configs:
         candidate.validate()
     return configs
 
 
-def evaluate_downstream(synthetic: Split, real_train: Split, real_test: Split,
-                        cfg: TrainConfig, *, sweep: Mapping[str, Sequence] | None = None,
-                        num_classes: int | None = None, real_reference: bool = True,
-                        public: Split | None = None, public_mix: bool = True,
-                        progress: ProgressFn | None = None) -> dict:
+def evaluate_downstream(synthetic: Split, real_train: Split, real_test: Split, cfg: TrainConfig, *,
+                        sweep: Mapping[str, Sequence] | None = None, num_classes: int | None = None,
+                        real_reference: bool = True, public: Split | None = None,
+                        public_mix: bool = True, progress: ProgressFn | None = None) -> dict:
     """Synthetic-to-real and real-to-real downstream accuracy; a JSON-serialisable dict.
 
     Each candidate of `sweep_configs(cfg, sweep)` is trained on the synthetic data minus a
@@ -119,17 +120,16 @@ def evaluate_downstream(synthetic: Split, real_train: Split, real_test: Split,
     def tagged(run: str) -> ProgressFn | None:  # adds metrics["run"] = run
         return progress and (lambda epoch, metrics: progress(epoch, {"run": run, **metrics}))
 
-    def fit_and_test(fit: Split, val: Split, recipe: TrainConfig, val_name: str,
-                     run: str) -> dict:
+    def fit_and_test(fit: Split, val: Split, recipe: TrainConfig, val_name: str, run: str) -> dict:
         """`recipe` trained on `fit`, its epoch chosen on `val`, scored on the test set."""
         trained = train_classifier(*fit, *val, recipe, num_classes=num_classes,
                                    progress=tagged(run))
-        return {"selected_epoch": trained.best_epoch,
-                f"{val_name}_accuracy": trained.best_val_accuracy,
-                "test_accuracy": accuracy(trained, test_images, test_labels,
-                                          recipe.eval_batch_size),
-                f"{val_name}_accuracy_by_epoch": list(trained.val_accuracy_by_epoch),
-                "num_train": len(fit[1]), f"num_{val_name}": len(val[1])}
+        return {
+            "selected_epoch": trained.best_epoch, f"{val_name}_accuracy": trained.best_val_accuracy,
+            "test_accuracy": accuracy(trained, test_images, test_labels, recipe.eval_batch_size),
+            f"{val_name}_accuracy_by_epoch": list(trained.val_accuracy_by_epoch),
+            "num_train": len(fit[1]), f"num_{val_name}": len(val[1])
+        }
 
     rows = []
     for number, candidate in enumerate(candidates):
@@ -160,43 +160,50 @@ def evaluate_downstream(synthetic: Split, real_train: Split, real_test: Split,
     by_synthetic = int(np.argmax([row["synthetic_val_accuracy"] for row in rows]))
     by_real = int(np.argmax([row["real_val_accuracy"] for row in rows]))
     chosen = rows[by_synthetic]
-    table = {"candidates": rows, "chosen_by_synthetic_val": by_synthetic,
-             "chosen_by_real_val": by_real,
-             "test_accuracy_chosen_by_synthetic_val": chosen["test_accuracy"],
-             "test_accuracy_chosen_by_real_val": rows[by_real]["test_accuracy_real_val_selected"]}
+    table = {
+        "candidates": rows, "chosen_by_synthetic_val": by_synthetic, "chosen_by_real_val": by_real,
+        "test_accuracy_chosen_by_synthetic_val": chosen["test_accuracy"],
+        "test_accuracy_chosen_by_real_val": rows[by_real]["test_accuracy_real_val_selected"]
+    }
 
     reference = None
     if real_reference:
         reference = fit_and_test(real_fit, real_val, cfg, "real_val", "real_reference")
-    sizes = {"synthetic_train": len(synthetic_fit[1]), "synthetic_val": len(synthetic_val[1]),
-             "real_train": len(real_fit[1]), "real_val": len(real_val[1]),
-             "real_test": len(test_labels)}
+    sizes = {
+        "synthetic_train": len(synthetic_fit[1]), "synthetic_val": len(synthetic_val[1]),
+        "real_train": len(real_fit[1]), "real_val": len(real_val[1]), "real_test": len(test_labels)
+    }
 
     public_report = None
     if public is not None:
         by_public = int(np.argmax([row["real_public_accuracy"] for row in rows]))
         table.update(chosen_by_real_public=by_public,
                      test_accuracy_chosen_by_real_public=rows[by_public]["test_accuracy"])
-        public_report = {"num_public": len(public[1]), "public_only": None,
-                         "public_plus_synthetic": None}
+        public_report = {
+            "num_public": len(public[1]), "public_only": None, "public_plus_synthetic": None
+        }
         sizes["public"] = len(public[1])
         if public_mix:
             public_fit, public_val = split_holdout(*public, cfg.val_fraction, cfg.seed)
-            public_report["public_only"] = fit_and_test(public_fit, public_val, cfg,
-                                                        "public_val", "public_only")
+            public_report["public_only"] = fit_and_test(public_fit, public_val, cfg, "public_val",
+                                                        "public_only")
             mixed = [np.concatenate(parts) for parts in zip(synthetic_fit, public_fit)]
             mixed_val = [np.concatenate(parts) for parts in zip(synthetic_val, public_val)]
-            public_report["public_plus_synthetic"] = fit_and_test(
-                mixed, mixed_val, candidates[by_synthetic], "mixed_val", "public_plus_synthetic")
+            public_report["public_plus_synthetic"] = fit_and_test(mixed, mixed_val,
+                                                                  candidates[by_synthetic],
+                                                                  "mixed_val",
+                                                                  "public_plus_synthetic")
     return {
         "synthetic_to_real_test_accuracy": chosen["test_accuracy"],
         "real_to_real_test_accuracy": None if reference is None else reference["test_accuracy"],
         "synthetic_to_real_public_accuracy": chosen.get("real_public_accuracy"),
         "public_to_real_test_accuracy": _test_accuracy(public_report, "public_only"),
-        "public_plus_synthetic_to_real_test_accuracy": _test_accuracy(
-            public_report, "public_plus_synthetic"),
-        "selected": {"hyperparameters": chosen["hyperparameters"], "epoch": chosen[
-            "selected_epoch"], "synthetic_val_accuracy": chosen["synthetic_val_accuracy"]},
+        "public_plus_synthetic_to_real_test_accuracy": _test_accuracy(public_report,
+                                                                      "public_plus_synthetic"),
+        "selected": {
+            "hyperparameters": chosen["hyperparameters"], "epoch": chosen["selected_epoch"],
+            "synthetic_val_accuracy": chosen["synthetic_val_accuracy"]
+        },
         "real_reference": reference,
         "public": public_report,
         "sweep": table,

@@ -144,8 +144,8 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def load_or_compute_stats(path: str | os.PathLike,
-                          compute: Callable[[], tuple[np.ndarray, np.ndarray]]):
+def load_or_compute_stats(path: str | os.PathLike, compute: Callable[[], tuple[np.ndarray,
+                                                                               np.ndarray]]):
     """Returns cached statistics from `path`, or calls `compute()` and caches its result there."""
     if os.path.exists(path):
         return load_stats(path)

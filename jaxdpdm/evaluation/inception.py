@@ -50,10 +50,10 @@ BATCH_NORM_EPS = 1e-3
 # The 2015 graph classifies into 1008 classes; a file with another fc shape is not the FID net.
 FID_FC_SHAPES = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
 
-
 # ----------------------------------------------------------------------------------------------
 # Flax modules. Submodule names are pytorch-fid's state-dict names, so converting weights is a
 # pure re-layout.
+
 
 class BasicConv2d(nn.Module):
     """Bias-free conv, batch norm (running statistics), ReLU: `[B,H,W,I] -> [B,H',W',O]`."""
@@ -161,12 +161,16 @@ class InceptionE(nn.Module):
         conv = functools.partial(BasicConv2d, precision=self.precision)
         b1 = conv(320, (1, 1), name="branch1x1")(x)
         b3 = conv(384, (1, 1), name="branch3x3_1")(x)
-        b3 = [conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-              conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)]
+        b3 = [
+            conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+            conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)
+        ]
         bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = [conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-              conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)]
+        bd = [
+            conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+            conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)
+        ]
         if self.max_pool_branch:  # the 2015 graph's quirk in its last block
             pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         else:
@@ -213,6 +217,7 @@ class InceptionV3(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Weights: the reference layout, and flat torch-layout dict <-> Flax variables.
 
+
 @functools.lru_cache(maxsize=1)
 def _reference_layout() -> tuple[tuple[str, tuple[int, ...]], ...]:
     # Read off the Flax module without allocating (eval_shape). The tests pin it to the
@@ -248,10 +253,11 @@ def reference_param_shapes() -> dict[str, tuple[int, ...]]:
     return dict(_reference_layout())
 
 
-_FLAX_FIELD = {"conv.weight": ("params", "conv", "kernel"),
-               "bn.weight": ("params", "bn", "scale"), "bn.bias": ("params", "bn", "bias"),
-               "bn.running_mean": ("batch_stats", "bn", "mean"),
-               "bn.running_var": ("batch_stats", "bn", "var")}
+_FLAX_FIELD = {
+    "conv.weight": ("params", "conv", "kernel"), "bn.weight": ("params", "bn", "scale"),
+    "bn.bias": ("params", "bn", "bias"), "bn.running_mean": ("batch_stats", "bn", "mean"),
+    "bn.running_var": ("batch_stats", "bn", "var")
+}
 
 
 def _split_name(name: str) -> tuple[list[str], str]:
@@ -320,6 +326,7 @@ def flat_from_variables(variables: Mapping) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------
 # Input pipeline and the feature function.
+
 
 def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """Interpolation matrix `[out_size, in_size]` of torch's bilinear `align_corners=False`.

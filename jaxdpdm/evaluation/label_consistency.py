@@ -82,12 +82,13 @@ def fit_label_classifier(train: Split, test: Split | None, num_classes: int, *,
 
         fit_part, val_part = training.split_holdout(images, labels, 0.1, seed)
         trained = training.train_classifier(
-            *fit_part, *val_part, training.TrainConfig(epochs=epochs, batch_size=64,
-                                                       augment="none", seed=seed),
+            *fit_part, *val_part,
+            training.TrainConfig(epochs=epochs, batch_size=64, augment="none", seed=seed),
             num_classes=num_classes)
 
         def predict(x: np.ndarray) -> np.ndarray:
             return training.predict(trained, x)
+
     test_accuracy = None
     if test is not None:
         test_accuracy = float(np.mean(predict(test[0]) == np.asarray(test[1])))
@@ -112,14 +113,14 @@ def consistency(predicted: np.ndarray, generated: np.ndarray, num_classes: int) 
     hits = predicted == generated
     counts = np.bincount(generated, minlength=num_classes)[:num_classes]
     correct = np.bincount(generated[hits], minlength=num_classes)[:num_classes]
-    return {"overall": float(hits.mean()),
-            "per_class": [float(c / n) if n else None for c, n in zip(correct, counts)],
-            "num_per_class": [int(n) for n in counts],
-            "num_samples": int(len(generated))}
+    return {
+        "overall": float(hits.mean()),
+        "per_class": [float(c / n) if n else None for c, n in zip(correct, counts)],
+        "num_per_class": [int(n) for n in counts], "num_samples": int(len(generated))
+    }
 
 
-def label_consistency(classifier: LabelClassifier, images: np.ndarray,
-                      labels: np.ndarray) -> dict:
+def label_consistency(classifier: LabelClassifier, images: np.ndarray, labels: np.ndarray) -> dict:
     """The label-consistency report of synthetic `images` uint8 `[N, H, W, C]`, `labels` `[N]`.
 
     Returns `consistency(...)` plus the classifier's description and the note that the metric
@@ -138,8 +139,8 @@ def label_consistency(classifier: LabelClassifier, images: np.ndarray,
 def format_consistency(report: dict, class_names=None) -> str:
     """One paragraph: overall fraction, the classifier's real accuracy, per-class fractions."""
     names = class_names or [str(i) for i in range(len(report["per_class"]))]
-    per_class = ", ".join(f"{n}: {'-' if v is None else f'{v:.2f}'}"
-                          for n, v in zip(names, report["per_class"]))
+    per_class = ", ".join(
+        f"{n}: {'-' if v is None else f'{v:.2f}'}" for n, v in zip(names, report["per_class"]))
     accuracy = report["classifier_real_test_accuracy"]
     real = "" if accuracy is None else f", real test accuracy {accuracy:.4f}"
     return (f"Label consistency: {report['overall']:.4f} of {report['num_samples']} samples are "
@@ -171,12 +172,11 @@ def fit_for_config(config, test_set=None, *,
 
     spec = data_spec(config)
     train = load_dataset(dataclasses.replace(spec, subset="all", public_fraction=0.0))
-    if test_set is None and not (config.data.name in SPLITLESS_SOURCES
-                                 and config.data.test_dir is None):
+    if test_set is None and not (config.data.name in SPLITLESS_SOURCES and
+                                 config.data.test_dir is None):
         test_set = load_dataset(real_test_spec(config))
     test = None if test_set is None else (test_set.images, test_set.labels)
     epochs = config.eval.classifier_epochs or RECIPES["cnn"].epochs  # for kind "cnn"
-    classifier = fit_label_classifier(
-        (train.images, train.labels), test, train.num_classes,
-        kind=config.eval.label_classifier, epochs=epochs, seed=seed)
+    classifier = fit_label_classifier((train.images, train.labels), test, train.num_classes,
+                                      kind=config.eval.label_classifier, epochs=epochs, seed=seed)
     return classifier, train.class_names

@@ -49,8 +49,8 @@ from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
-from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception,
-                                inception_weights, label_consistency)
+from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception, inception_weights,
+                                label_consistency)
 from jaxdpdm import storage
 from jaxdpdm.dp.report import PRIVACY_JSON
 from jaxdpdm.experiment import data_spec
@@ -69,9 +69,9 @@ def _progress_printer(what: str):
         width = 30
         filled = int(width * done / max(total, 1))
         left = elapsed / max(done, 1) * (total - done)
-        print(f"\r[{what}] [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-              f"{elapsed:.0f}s, ~{left:.0f}s left", end="\n" if done >= total else "",
-              flush=True)
+        print(
+            f"\r[{what}] [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+            f"{elapsed:.0f}s, ~{left:.0f}s left", end="\n" if done >= total else "", flush=True)
 
     return show
 
@@ -83,8 +83,8 @@ def _batches(images: np.ndarray, batch_size: int, show):
         show(i + 1, total)
 
 
-def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
-                real_name: str, weights: str | None = None) -> dict[str, Any]:
+def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str, real_name: str,
+                weights: str | None = None) -> dict[str, Any]:
     """FID between uint8 image sets `[N, H, W, C]`; the real statistics are cached by name.
 
     `weights`: the Inception weights file (default `config.eval.inception_weights`).
@@ -93,13 +93,16 @@ def compute_fid(config, synthetic: np.ndarray, real: np.ndarray, cache_dir: str,
     batch = config.eval.fid_batch_size
     features = inception.make_feature_fn(params, batch)
     cache = os.path.join(cache_dir, f"fid_stats_{real_name}.npz")
-    mu_r, sigma_r = fid.load_or_compute_stats(cache, lambda: fid.compute_statistics(
-        features, _batches(real, batch, _progress_printer("FID real"))))
+    mu_r, sigma_r = fid.load_or_compute_stats(
+        cache, lambda: fid.compute_statistics(features,
+                                              _batches(real, batch, _progress_printer("FID real"))))
     mu_s, sigma_s = fid.compute_statistics(
         features, _batches(synthetic, batch, _progress_printer("FID synthetic")))
-    return {"fid": fid.frechet_distance(mu_s, sigma_s, mu_r, sigma_r),
-            "num_synthetic": int(len(synthetic)), "num_real": int(len(real)),
-            "reference": real_name, "reference_stats": cache}
+    return {
+        "fid": fid.frechet_distance(mu_s, sigma_s, mu_r,
+                                    sigma_r), "num_synthetic": int(len(synthetic)),
+        "num_real": int(len(real)), "reference": real_name, "reference_stats": cache
+    }
 
 
 def _reference_name(config, dataset_name: str, weights: str) -> str:
@@ -111,14 +114,19 @@ def _reference_name(config, dataset_name: str, weights: str) -> str:
 
 
 # The eval.* fields that override a field of the classifier's recipe when they are set.
-RECIPE_OVERRIDES = {"classifier_epochs": "epochs", "classifier_batch_size": "batch_size",
-                    "classifier_learning_rate": "learning_rate", "augment": "augment"}
+RECIPE_OVERRIDES = {
+    "classifier_epochs": "epochs", "classifier_batch_size": "batch_size",
+    "classifier_learning_rate": "learning_rate", "augment": "augment"
+}
 
 
 def recipe_overrides(config) -> dict[str, Any]:
     """The recipe fields that `config.eval` sets (TrainConfig field -> value)."""
-    return {field: config.eval[name] for name, field in RECIPE_OVERRIDES.items()
-            if config.eval[name] is not None}
+    return {
+        field: config.eval[name]
+        for name, field in RECIPE_OVERRIDES.items()
+        if config.eval[name] is not None
+    }
 
 
 def downstream_config(config) -> classifier_training.TrainConfig:
@@ -150,8 +158,8 @@ def real_test_spec(config) -> DataSpec:
     d = config.data
     if d.name in SPLITLESS_SOURCES:
         if d.test_dir is None:
-            like = ("a folder laid out like" if d.name == "image_folder"
-                    else "an npz file or folder like")
+            like = ("a folder laid out like"
+                    if d.name == "image_folder" else "an npz file or folder like")
             raise ValueError(
                 f"dataset {d.name!r} has no splits, so --mode=evaluate needs a real test set held "
                 f"out from training: set data.test_dir to {like} data.data_dir ({d.data_dir}, "
@@ -203,10 +211,13 @@ def samples_provenance(workdir: str) -> dict[str, Any]:
                          f"{sample_step}, but {PRIVACY_JSON} describes the model at step "
                          f"{report_step}: {rerun}")
     if sample_step is not None and latest is not None and sample_step != latest:
-        log.warning("the samples were drawn at checkpoint step %s but the newest checkpoint is "
-                    "step %s: %s", sample_step, latest, rerun)
-    return {"checkpoint_step": sample_step, "privacy_report_step": report_step,
-            "latest_checkpoint_step": latest}
+        log.warning(
+            "the samples were drawn at checkpoint step %s but the newest checkpoint is "
+            "step %s: %s", sample_step, latest, rerun)
+    return {
+        "checkpoint_step": sample_step, "privacy_report_step": report_step,
+        "latest_checkpoint_step": latest
+    }
 
 
 def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
@@ -234,13 +245,14 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     public = public_images(config, real_train)
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
-    report: dict[str, Any] = {"samples": {"num": int(len(images)),
-                                          "shape": list(images.shape[1:]), **provenance},
-                              "data": {"train": real_train.summary(), "test": real_test.summary(),
-                                       "num_test": len(real_test),
-                                       "test_images_in_train": overlap,
-                                       "public": None if public is None else public.summary(),
-                                       "num_public": None if public is None else len(public)}}
+    report: dict[str, Any] = {
+        "samples": {"num": int(len(images)), "shape": list(images.shape[1:]), **provenance},
+        "data": {
+            "train": real_train.summary(), "test": real_test.summary(), "num_test": len(real_test),
+            "test_images_in_train": overlap, "public": None if public is None else public.summary(),
+            "num_public": None if public is None else len(public)
+        }
+    }
 
     if config.eval.inception_weights or config.eval.download_inception_weights:
         weights = inception_weights.resolve(config.eval.inception_weights,
@@ -258,16 +270,18 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
         report["label_consistency"]["class_names"] = list(class_names)
 
     def progress(epoch: int, metrics: dict) -> None:
-        print(f"[classifier {metrics.get('run', '')}] epoch {epoch}/{metrics.get('epochs')} "
-              f"loss={metrics.get('train_loss', float('nan')):.4f} "
-              f"val_acc={metrics.get('val_accuracy', float('nan')):.4f}", flush=True)
+        print(
+            f"[classifier {metrics.get('run', '')}] epoch {epoch}/{metrics.get('epochs')} "
+            f"loss={metrics.get('train_loss', float('nan')):.4f} "
+            f"val_acc={metrics.get('val_accuracy', float('nan')):.4f}", flush=True)
 
     report["downstream"] = downstream.evaluate_downstream(
-        (images, labels), (real_train.images, real_train.labels),
-        (real_test.images, real_test.labels), downstream_config(config),
-        num_classes=real_train.num_classes, real_reference=config.eval.train_real_reference,
-        public=None if public is None else (public.images, public.labels),
-        public_mix=config.eval.public_mix is not False, progress=progress)
+        (images, labels),
+        (real_train.images, real_train.labels), (real_test.images, real_test.labels),
+        downstream_config(config), num_classes=real_train.num_classes,
+        real_reference=config.eval.train_real_reference, public=None if public is None else
+        (public.images,
+         public.labels), public_mix=config.eval.public_mix is not False, progress=progress)
     report["downstream"]["recipe_overrides"] = sorted(recipe_overrides(config))
     privacy_path = os.path.join(workdir, PRIVACY_JSON)
     report["privacy"] = (json.loads(storage.read_text(privacy_path))["guarantee"]
@@ -282,10 +296,12 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
 def format_summary(report: dict[str, Any]) -> str:
     d = report["downstream"]
     step = report["samples"].get("checkpoint_step")
-    lines = ["Evaluation summary (jaxdpdm)", "============================",
-             f"Synthetic samples: {report['samples']['num']} of shape "
-             f"{tuple(report['samples']['shape'])}"
-             f"{f', from checkpoint step {step}' if step is not None else ''}"]
+    lines = [
+        "Evaluation summary (jaxdpdm)", "============================",
+        f"Synthetic samples: {report['samples']['num']} of shape "
+        f"{tuple(report['samples']['shape'])}"
+        f"{f', from checkpoint step {step}' if step is not None else ''}"
+    ]
     p = report["privacy"]
     if p:
         lines.append(f"Privacy of the model that made them: ({p['epsilon_pld']:.3f}, "
@@ -306,9 +322,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(label_consistency.format_consistency(c, c.get("class_names")))
     data = report.get("data", {})
     if d.get("config"):
-        lines.append(f"Downstream classifier: {format_recipe(d['config'])}"
-                     + (f" (set by eval.*: {', '.join(d['recipe_overrides'])})"
-                        if d.get("recipe_overrides") else ""))
+        lines.append(f"Downstream classifier: {format_recipe(d['config'])}" +
+                     (f" (set by eval.*: {', '.join(d['recipe_overrides'])})" if d.
+                      get("recipe_overrides") else ""))
     lines.append(f"Downstream accuracy on the real test set ({data.get('num_test', '?')} held-out "
                  f"images), trained on synthetic data only: "
                  f"{d['synthetic_to_real_test_accuracy']:.4f}")
@@ -319,11 +335,12 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"Same classifier trained on the real training data: "
                      f"{d['real_to_real_test_accuracy']:.4f}")
     if d.get("synthetic_to_real_public_accuracy") is not None:
-        lines += [f"Real public images ({data.get('num_public', '?')}, the non-private part of "
-                  "the split):",
-                  f"  synthetic-only classifier scored on them: "
-                  f"{d['synthetic_to_real_public_accuracy']:.4f} (selection metric: public data, "
-                  "not the test set nor private data, so it may choose hyperparameters)"]
+        lines += [
+            f"Real public images ({data.get('num_public', '?')}, the non-private part of "
+            "the split):", f"  synthetic-only classifier scored on them: "
+            f"{d['synthetic_to_real_public_accuracy']:.4f} (selection metric: public data, "
+            "not the test set nor private data, so it may choose hyperparameters)"
+        ]
         for key, what in (("public_to_real_test_accuracy", "public images only"),
                           ("public_plus_synthetic_to_real_test_accuracy",
                            "public images + synthetic data")):

@@ -20,5 +20,5 @@ def count_params(tree: Any, mask: Any = None) -> int:
     """
     leaves = jax.tree.leaves(tree)
     flags = [True] * len(leaves) if mask is None else jax.tree.structure(tree).flatten_up_to(mask)
-    return int(sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf, keep in zip(leaves, flags)
-                   if keep))
+    return int(
+        sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf, keep in zip(leaves, flags) if keep))

@@ -56,12 +56,11 @@ class DPDMCNN(nn.Module):
         Each of the len(conv_channels) stages halves H and W (floor, as PyTorch's
         MaxPool2d), so H and W must be at least 2**len(conv_channels) (8 for the default).
         """
-        min_size = 2 ** len(self.conv_channels)
+        min_size = 2**len(self.conv_channels)
         if images.ndim != 4 or min(images.shape[1:3]) < min_size:
             raise ValueError(
                 f"DPDMCNN needs images [B, H, W, C] with H, W >= {min_size} "
-                f"(it pools {len(self.conv_channels)} times); got shape {images.shape}"
-            )
+                f"(it pools {len(self.conv_channels)} times); got shape {images.shape}")
         x = images
         for channels in self.conv_channels:
             # SAME padding keeps the conv from shrinking the map, so only pooling
@@ -97,14 +96,10 @@ class WideResidualBlock(nn.Module):
         needs_projection = self.stride != 1 or x.shape[-1] != self.out_channels
         # As in the reference WRN, the projection shortcut reads the pre-activated
         # input; the identity shortcut carries the raw input.
-        shortcut = (
-            nn.Conv(self.out_channels, (1, 1), strides=self.stride, use_bias=False)(preactivated)
-            if needs_projection
-            else x
-        )
-        y = nn.Conv(self.out_channels, (3, 3), strides=self.stride, padding=1, use_bias=False)(
-            preactivated
-        )
+        shortcut = (nn.Conv(self.out_channels, (1, 1), strides=self.stride,
+                            use_bias=False)(preactivated) if needs_projection else x)
+        y = nn.Conv(self.out_channels, (3, 3), strides=self.stride, padding=1,
+                    use_bias=False)(preactivated)
         y = nn.relu(nn.GroupNorm(num_groups=self.num_groups)(y))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.Conv(self.out_channels, (3, 3), padding=1, use_bias=False)(y)
@@ -141,9 +136,8 @@ class WideResNet(nn.Module):
         for group, channels in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
             for block in range(blocks_per_group):
                 stride = 2 if group > 0 and block == 0 else 1
-                x = WideResidualBlock(channels, stride, self.num_groups, self.dropout_rate)(
-                    x, train=train
-                )
+                x = WideResidualBlock(channels, stride, self.num_groups,
+                                      self.dropout_rate)(x, train=train)
         x = nn.relu(nn.GroupNorm(num_groups=self.num_groups)(x))
         x = jnp.mean(x, axis=(1, 2))  # global average pooling: any input size works
         return nn.Dense(self.num_classes)(x)
@@ -171,5 +165,5 @@ def count_parameters(module: nn.Module, image_shape: tuple[int, int, int]) -> in
 
     Nothing is allocated: only the shapes of the initial params are traced.
     """
-    return count_params(jax.eval_shape(lambda key: init_classifier(module, key, image_shape),
-                                       jax.random.key(0)))
+    return count_params(
+        jax.eval_shape(lambda key: init_classifier(module, key, image_shape), jax.random.key(0)))

@@ -98,9 +98,9 @@ CONV_IMPLS = ("xla", "patch_matmul")
 
 def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
     """`[B, H, W, Cin]` * `[kh, kw, Cin, Cout]` -> `[B, H', W', Cout]` (XLA's convolution)."""
-    return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides),
+                                        ((padding, padding), (padding, padding)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -132,9 +132,11 @@ def _conv_bwd(strides, padding, residuals, g):
     out_h, out_w = g.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     # patches[b, h, w, (i*kw + j)*Cin + c] = xp[b, h*s + i, w*s + j, c]: the input under each tap.
-    patches = jnp.concatenate(
-        [xp[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
-         for i in range(kh) for j in range(kw)], axis=-1)
+    patches = jnp.concatenate([
+        xp[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
+        for i in range(kh)
+        for j in range(kw)
+    ], axis=-1)
     dkernel = jnp.einsum("bhwp,bhwo->po", patches, g.astype(x.dtype),
                          preferred_element_type=jnp.float32)
     return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
@@ -181,8 +183,8 @@ class Conv(nn.Module):
         return conv(x, kernel, self.strides, (self.kernel_size - 1) // 2) + bias
 
 
-def conv3x3(features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1,
-            impl: str = "xla", name: str | None = None) -> Conv:
+def conv3x3(features: int, dtype: Dtype, *, zero: bool = False, strides: int = 1, impl: str = "xla",
+            name: str | None = None) -> Conv:
     """3x3 convolution with padding 1 (a stride-2 one halves even sizes exactly)."""
     return Conv(features, 3, strides=strides, zero=zero, dtype=dtype, impl=impl, name=name)
 
@@ -214,8 +216,7 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
         if self.use_conv:
-            return conv3x3(x.shape[-1], self.dtype, strides=2, impl=self.conv_impl,
-                           name="conv")(x)
+            return conv3x3(x.shape[-1], self.dtype, strides=2, impl=self.conv_impl, name="conv")(x)
         return downsample_avg(x)
 
 
@@ -287,9 +288,8 @@ class ResBlock(nn.Module):
 
         # One Dense gives both scale and shift per channel; the "1 +" makes a zero scale the
         # identity, so the conditioning starts as a small perturbation of plain GroupNorm.
-        scale_shift = nn.Dense(
-            2 * self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="emb_proj"
-        )(nn.silu(emb))
+        scale_shift = nn.Dense(2 * self.out_channels, dtype=self.dtype, param_dtype=jnp.float32,
+                               name="emb_proj")(nn.silu(emb))
         scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
         h = GroupNorm(self.dtype, name="out_norm")(h) * (1 + scale) + shift
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(nn.silu(h))

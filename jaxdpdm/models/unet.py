@@ -131,22 +131,19 @@ class UNetConfig:
         if not self.channel_mult:
             raise ValueError("channel_mult must not be empty (one entry per resolution level)")
         if any(
-            isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
-            for m in self.channel_mult
-        ):
+                isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1
+                for m in self.channel_mult):
             raise ValueError(f"channel_mult entries must be positive ints, got {self.channel_mult}")
-        factor = 2 ** (self.num_levels - 1)
+        factor = 2**(self.num_levels - 1)
         if self.image_size % factor:
             raise ValueError(
                 f"image_size={self.image_size} is not divisible by 2**(len(channel_mult)-1)={factor}"
-                f" (channel_mult={self.channel_mult}); use fewer levels or another image size"
-            )
+                f" (channel_mult={self.channel_mult}); use fewer levels or another image size")
         missing = [r for r in self.attention_resolutions if r not in self.level_resolutions]
         if missing:
             raise ValueError(
                 f"attention_resolutions {missing} match no level; the levels of this UNet have "
-                f"resolutions {self.level_resolutions}"
-            )
+                f"resolutions {self.level_resolutions}")
         widths = {self.base_channels * self.channel_mult[-1]}  # the middle block always attends
         widths |= {
             self.base_channels * m
@@ -156,8 +153,7 @@ class UNetConfig:
         bad = sorted(w for w in widths if w % self.num_heads)
         if bad:
             raise ValueError(
-                f"num_heads={self.num_heads} does not divide the attention widths {bad}"
-            )
+                f"num_heads={self.num_heads} does not divide the attention widths {bad}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None:
@@ -181,9 +177,8 @@ class UNet(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
+                 train: bool) -> jax.Array:
         """Predicts the noise in `x`.
 
         Args:
@@ -200,17 +195,14 @@ class UNet(nn.Module):
         expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(
-                f"x must have shape [B, {', '.join(map(str, expected))}], got {x.shape}"
-            )
+                f"x must have shape [B, {', '.join(map(str, expected))}], got {x.shape}")
         if jnp.shape(t) != x.shape[:1]:
             raise ValueError(f"t must have shape [B]={x.shape[:1]}, got {jnp.shape(t)}")
         if cfg.num_classes is None and y is not None:
             raise ValueError("this UNet is unconditional (num_classes=None) but labels were given")
         if cfg.num_classes is not None and (y is None or jnp.shape(y) != x.shape[:1]):
-            raise ValueError(
-                f"a class-conditional UNet needs labels y of shape {x.shape[:1]}, "
-                f"got {None if y is None else jnp.shape(y)}"
-            )
+            raise ValueError(f"a class-conditional UNet needs labels y of shape {x.shape[:1]}, "
+                             f"got {None if y is None else jnp.shape(y)}")
         dtype = cfg.dtype
         dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32)
         resblock = functools.partial(ResBlock, dropout=cfg.dropout, dtype=dtype,
@@ -234,9 +226,8 @@ class UNet(nn.Module):
         skips = [h]
         for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.level_resolutions)):
             for i in range(cfg.num_res_blocks):
-                h = resblock(cfg.base_channels * mult, name=f"down_{level}_block_{i}")(
-                    h, emb, train=train
-                )
+                h = resblock(cfg.base_channels * mult, name=f"down_{level}_block_{i}")(h, emb,
+                                                                                       train=train)
                 if res in cfg.attention_resolutions:
                     h = attention(name=f"down_{level}_attn_{i}")(h)
                 skips.append(h)
@@ -257,9 +248,8 @@ class UNet(nn.Module):
             # One more block than on the way down: it consumes the skip saved after resampling.
             for i in range(cfg.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = resblock(cfg.base_channels * mult, name=f"up_{level}_block_{i}")(
-                    h, emb, train=train
-                )
+                h = resblock(cfg.base_channels * mult, name=f"up_{level}_block_{i}")(h, emb,
+                                                                                     train=train)
                 if res in cfg.attention_resolutions:
                     h = attention(name=f"up_{level}_attn_{i}")(h)
             if level > 0:
@@ -397,9 +387,7 @@ def unet_preset(name: str, **overrides: Any) -> UNetConfig:
         raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
     merged = {**fields, **overrides}
     if "attention_resolutions" not in overrides:
-        merged["attention_resolutions"] = tuple(
-            merged["image_size"] // 2**level
-            for level in attention_levels
-            if level < len(merged["channel_mult"])
-        )
+        merged["attention_resolutions"] = tuple(merged["image_size"] // 2**level
+                                                for level in attention_levels
+                                                if level < len(merged["channel_mult"]))
     return UNetConfig(**merged)

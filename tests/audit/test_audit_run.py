@@ -94,9 +94,10 @@ def test_audit_config_fields_are_validated(tiny_config):
 
 
 def test_audit_of_a_pretraining_config_is_a_one_line_error(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxdpdm.main", "--config=configs/fashion_mnist_pretrain.py:smoke",
-         f"--workdir={tmp_path}", "--mode=audit"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.run([
+        sys.executable, "-m", "jaxdpdm.main", "--config=configs/fashion_mnist_pretrain.py:smoke",
+        f"--workdir={tmp_path}", "--mode=audit"
+    ], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --mode=audit audits a DP run")

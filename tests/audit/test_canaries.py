@@ -98,10 +98,9 @@ def test_release_tap_records_the_noisy_released_update(injector):
     c = injector.canaries
     params = jax.eval_shape(injector.experiment.init_params)
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-    opt = optax.chain(dp_aggregate(clip_norm=0.7, noise_multiplier=2.0, expected_batch_size=4.0,
-                                   seed=1),
-                      injector.release_tap(noise_multiplier=2.0, sampling_rate=0.25,
-                                           expected_batch_size=4.0))
+    opt = optax.chain(
+        dp_aggregate(clip_norm=0.7, noise_multiplier=2.0, expected_batch_size=4.0, seed=1),
+        injector.release_tap(noise_multiplier=2.0, sampling_rate=0.25, expected_batch_size=4.0))
     state = opt.init(params)
     _, extra = injector.route(np.arange(injector.num_real + 40))
     released, state = opt.update(extra, state, params)
@@ -129,14 +128,14 @@ def test_gradient_canaries_use_trainable_coordinates_of_a_frozen_model(tiny_conf
                              num_trainable=size, secret_seed=2)
     injector = CanaryInjector(canaries, exp, clip_norm=1.0, trainable=trainable)
     mask = jax.tree_util.tree_map_with_path(lambda p, _: param_path(p) == paths[-1], params)
-    opt = optax.chain(dp_aggregate(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=1.0,
-                                   seed=0, trainable=mask),
-                      injector.release_tap(noise_multiplier=0.0, sampling_rate=0.5,
-                                           expected_batch_size=1.0),
-                      optax.sgd(1.0))
+    opt = optax.chain(
+        dp_aggregate(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=1.0, seed=0,
+                     trainable=mask),
+        injector.release_tap(noise_multiplier=0.0, sampling_rate=0.5, expected_batch_size=1.0),
+        optax.sgd(1.0))
     state = opt.init(params)
     _, extra = injector.route(np.arange(len(injector.experiment.dataset)))
     assert np.count_nonzero(np.asarray(jax.tree.leaves(extra)[-1])) == canaries.gradient_bits.sum()
     _, state = opt.update(extra, state, params)
-    np.testing.assert_allclose(released_scores(state).released,
-                               canaries.gradient_bits.astype(np.float32))
+    np.testing.assert_allclose(
+        released_scores(state).released, canaries.gradient_bits.astype(np.float32))

@@ -59,7 +59,8 @@ def test_skip_corrupt_counts_unreadable_and_truncated_files(collection):
     loaded = folder.load_image_folder(collection, image_size=8, channels=3, skip_corrupt=True)
     assert len(loaded.images) == 5
     assert sorted(loaded.skipped_files) == sorted(
-        [str(collection / "dog" / "c.png"), str(collection / "bird" / "truncated.png")])
+        [str(collection / "dog" / "c.png"),
+         str(collection / "bird" / "truncated.png")])
 
 
 def test_layout_errors(tmp_path):
@@ -82,6 +83,7 @@ def test_all_files_unreadable_is_an_error_even_when_skipping(tmp_path):
 
 
 # --- pixel formats (PIL modes) -------------------------------------------------------------------
+
 
 def _read(path, channels=1):
     return folder.read_image(path, image_size=4, channels=channels)
@@ -109,11 +111,13 @@ def test_opaque_alpha_and_palettes_convert(tmp_path, mode):
     np.testing.assert_array_equal(_read(path), np.full((4, 4, 1), 60))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)),
-    lambda: Image.new("LA", (4, 4), (9, 128)),
-    lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)).convert("P"),  # palette + tRNS
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)),
+        lambda: Image.new("LA", (4, 4), (9, 128)),
+        lambda: Image.new("RGBA", (4, 4), (9, 9, 9, 0)).convert("P"),  # palette + tRNS
+    ])
 def test_transparent_pixels_are_refused_with_the_reason(tmp_path, make):
     path = tmp_path / "ghost.png"
     make().save(path)

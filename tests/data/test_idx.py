@@ -35,8 +35,8 @@ def write_split(directory, info, split, images, labels, *, compress=True):
 
 def tiny_split(seed, num=6):
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (num, 28, 28), dtype=np.uint8),
-            rng.integers(0, 10, num).astype(np.uint8))
+    return (rng.integers(0, 256, (num, 28, 28), dtype=np.uint8), rng.integers(0, 10,
+                                                                              num).astype(np.uint8))
 
 
 @pytest.mark.parametrize("array", [
@@ -80,8 +80,10 @@ def test_corrupt_gzip_gives_error_naming_the_file(tmp_path):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "train-images-idx3-ubyte",
-                                  "train-images.idx3-ubyte", "train-images.idx3-ubyte.gz"])
+@pytest.mark.parametrize("name", [
+    "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte", "train-images.idx3-ubyte",
+    "train-images.idx3-ubyte.gz"
+])
 def test_find_idx_file_accepts_common_spellings(tmp_path, name):
     (tmp_path / name).write_bytes(b"")
     assert idx.find_idx_file(tmp_path, "train-images-idx3-ubyte.gz") == tmp_path / name
@@ -125,10 +127,12 @@ def mirror_info(tmp_path, seed=2):
     mirror = tmp_path / "mirror"
     images, labels = tiny_split(seed)
     write_split(mirror, idx.MNIST, "train", images, labels)
-    files = {"train": tuple(
-        idx.RemoteFile(remote.file_name,
-                       hashlib.sha256((mirror / remote.file_name).read_bytes()).hexdigest())
-        for remote in idx.MNIST.files["train"])}
+    files = {
+        "train": tuple(
+            idx.RemoteFile(remote.file_name,
+                           hashlib.sha256((mirror / remote.file_name).read_bytes()).hexdigest())
+            for remote in idx.MNIST.files["train"])
+    }
     info = idx.IdxDatasetInfo("mirror_mnist", mirror.as_uri() + "/", files, idx.MNIST.class_names)
     return info, images, labels
 
@@ -146,14 +150,15 @@ def test_download_from_file_url_verifies_and_caches(tmp_path):
 
     def no_network(url):
         raise AssertionError(f"cached files must not be fetched again: {url}")
+
     idx.load_idx_split(info, "train", download=True, cache_dir=str(cache), opener=no_network)
 
 
 def test_download_with_wrong_digest_keeps_nothing(tmp_path):
     info, _, _ = mirror_info(tmp_path)
     images_file, labels_file = info.files["train"]
-    tampered = dataclasses.replace(info, files={"train": (
-        images_file, dataclasses.replace(labels_file, sha256="0" * 64))})
+    tampered = dataclasses.replace(
+        info, files={"train": (images_file, dataclasses.replace(labels_file, sha256="0" * 64))})
     cache = tmp_path / "cache"
     with pytest.raises(idx.ChecksumMismatchError, match="does not match"):
         idx.download_idx_dataset(tampered, cache, splits=("train",))
@@ -162,8 +167,10 @@ def test_download_with_wrong_digest_keeps_nothing(tmp_path):
 
 
 def test_download_failure_says_what_to_do(tmp_path):
+
     def offline(url):
         raise urllib.error.URLError("network unreachable")
+
     with pytest.raises(OSError, match="data_dir") as error:
         idx.load_idx_split(idx.MNIST, "train", download=True, cache_dir=str(tmp_path),
                            opener=offline)
@@ -201,6 +208,6 @@ def test_fashion_mnist_digests_reproduce_from_debian_files():
             debian = (DEBIAN_DIR / remote.file_name).read_bytes()
             assert debian[:4] == b"\x1f\x8b\x08\x00"
             original_name = remote.file_name.removesuffix(".gz").encode() + b"\x00"
-            official = (b"\x1f\x8b\x08\x08" + struct.pack("<I", upstream_mtime[split])
-                        + b"\x00\x03" + original_name + debian[10:])
+            official = (b"\x1f\x8b\x08\x08" + struct.pack("<I", upstream_mtime[split]) +
+                        b"\x00\x03" + original_name + debian[10:])
             assert hashlib.sha256(official).hexdigest() == remote.sha256

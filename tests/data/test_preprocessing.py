@@ -53,8 +53,11 @@ def test_rgb_to_gray_matches_pil_luma():
     np.testing.assert_array_equal(gray[..., 0], expected)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((2, 4, 4, 4), np.uint8), np.zeros((2, 4, 4, 1)),
-                                 np.zeros((4, 4, 1), np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((2, 4, 4, 4), np.uint8),
+     np.zeros((2, 4, 4, 1)),
+     np.zeros((4, 4, 1), np.uint8)])
 def test_image_functions_reject_bad_batches(bad):
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]|channels"):
         preprocessing.convert_channels(bad, 3)
@@ -119,8 +122,8 @@ def numbered_dataset(num=40, num_classes=4):
     """Example i has every pixel equal to i, so images identify examples."""
     images = np.arange(num, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
     labels = np.arange(num) % num_classes
-    return ImageDataset(images, labels, num_classes, ("a", "b", "c", "d")[:num_classes],
-                        "numbered", "generated")
+    return ImageDataset(images, labels, num_classes, ("a", "b", "c", "d")[:num_classes], "numbered",
+                        "generated")
 
 
 def test_split_public_private_datasets_are_disjoint_and_complete():

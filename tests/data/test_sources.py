@@ -21,6 +21,7 @@ def spec(**overrides):
 
 # --- DataSpec -------------------------------------------------------------------------
 
+
 def test_from_dict_round_trip_and_list_classes():
     values = dict(name="fashion_mnist", image_size=28, channels=1, classes=[0, "Bag"],
                   subset="private", public_fraction=0.2, split_seed=3)
@@ -44,13 +45,27 @@ def test_unknown_dataset_lists_known_ones():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(image_size=0), dict(image_size=8.0), dict(channels=2), dict(channels=True),
-    dict(max_examples=0), dict(classes=()), dict(classes=(1.5,)), dict(subset="half"),
-    dict(subset="public"), dict(public_fraction=0.5), dict(split="validation"),
-    dict(download=True), dict(manual_dir="/m"), dict(skip_corrupt=True),
-    dict(name="npz"), dict(name="image_folder", data_dir="/d", split="test"),
-    dict(name="fashion_mnist", manual_dir="/m"), dict(split_seed=-1),
-    dict(subset="public", public_fraction="0.5"), dict(name="tfds:"), dict(name=3),
+    dict(image_size=0),
+    dict(image_size=8.0),
+    dict(channels=2),
+    dict(channels=True),
+    dict(max_examples=0),
+    dict(classes=()),
+    dict(classes=(1.5,)),
+    dict(subset="half"),
+    dict(subset="public"),
+    dict(public_fraction=0.5),
+    dict(split="validation"),
+    dict(download=True),
+    dict(manual_dir="/m"),
+    dict(skip_corrupt=True),
+    dict(name="npz"),
+    dict(name="image_folder", data_dir="/d", split="test"),
+    dict(name="fashion_mnist", manual_dir="/m"),
+    dict(split_seed=-1),
+    dict(subset="public", public_fraction="0.5"),
+    dict(name="tfds:"),
+    dict(name=3),
 ])
 def test_invalid_specs_are_rejected_early(bad):
     with pytest.raises(ValueError):
@@ -58,6 +73,7 @@ def test_invalid_specs_are_rejected_early(bad):
 
 
 # --- digits ---------------------------------------------------------------------------
+
 
 def test_digits_split_shapes_range_and_counts():
     train = load_dataset(spec(image_size=16))
@@ -88,20 +104,25 @@ def test_class_filter_relabels_and_reports_mapping():
 
 def test_public_and_private_subsets_are_disjoint_and_cover_the_data():
     full = load_dataset(spec(split="test"))
-    parts = {subset: load_dataset(spec(split="test", subset=subset, public_fraction=0.3))
-             for subset in ("public", "private")}
+    parts = {
+        subset: load_dataset(spec(split="test", subset=subset, public_fraction=0.3))
+        for subset in ("public", "private")
+    }
     assert len(parts["public"]) + len(parts["private"]) == len(full)
 
     def as_rows(d):  # (pixels, source class) of every example
-        return {row.tobytes() + bytes([d.original_class_ids[label]])
-                for row, label in zip(d.images, d.labels)}
+        return {
+            row.tobytes() + bytes([d.original_class_ids[label]])
+            for row, label in zip(d.images, d.labels)
+        }
+
     assert not as_rows(parts["public"]) & as_rows(parts["private"])
     assert as_rows(parts["public"]) | as_rows(parts["private"]) == as_rows(full)
     assert "private part" in parts["private"].source
     # The split happens before class filtering, so a filtered private part never contains
     # an example of the unfiltered public part.
-    private_two = load_dataset(spec(split="test", subset="private", public_fraction=0.3,
-                                    classes=(3, 5)))
+    private_two = load_dataset(
+        spec(split="test", subset="private", public_fraction=0.3, classes=(3, 5)))
     assert not as_rows(private_two) & as_rows(parts["public"])
     assert len(private_two) == np.sum(np.isin(parts["private"].labels, (3, 5)))
 
@@ -120,6 +141,7 @@ def test_summary_mentions_source_size_shape_range_classes():
 
 # --- npz ------------------------------------------------------------------------------
 
+
 def test_npz_file_round_trip_with_resize_and_class_names(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 4, 4), dtype=np.uint8)  # [N, H, W] form
@@ -136,8 +158,8 @@ def test_npz_file_round_trip_with_resize_and_class_names(tmp_path):
 
 def test_npz_folder_concatenates_chunks_and_skips_corrupt(tmp_path):
     for chunk in range(3):
-        np.savez(tmp_path / f"samples_{chunk:03d}.npz",
-                 images=np.full((2, 8, 8, 1), chunk, np.uint8), labels=np.array([chunk, 0]))
+        np.savez(tmp_path / f"samples_{chunk:03d}.npz", images=np.full(
+            (2, 8, 8, 1), chunk, np.uint8), labels=np.array([chunk, 0]))
     loaded = load_dataset(spec(name="npz", data_dir=str(tmp_path)))
     np.testing.assert_array_equal(loaded.labels, [0, 0, 1, 0, 2, 0])
     assert loaded.num_classes == 3 and loaded.num_skipped == 0
@@ -165,11 +187,13 @@ def test_npz_bad_contents_name_the_file(tmp_path, arrays, message, skip_corrupt)
     assert "bad.npz" in str(error.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x8f\x02random bytes that are no archive", "not an .npz archive"),  # was "pickled data"
-    (b"", "not an .npz archive"),
-    (b"\x93NUMPY\x01\x00rest of an .npy header", "single .npy array"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x8f\x02random bytes that are no archive", "not an .npz archive"),  # was "pickled data"
+        (b"", "not an .npz archive"),
+        (b"\x93NUMPY\x01\x00rest of an .npy header", "single .npy array"),
+    ])
 def test_npz_that_is_no_archive_says_so(tmp_path, content, message):
     (tmp_path / "data.npz").write_bytes(content)
     with pytest.raises(ValueError, match=message) as error:
@@ -216,6 +240,7 @@ def test_npz_missing_path(tmp_path):
 
 # --- image folder ---------------------------------------------------------------------
 
+
 def test_image_folder_records_skipped_files(tmp_path):
     for name, value in (("ant", 10), ("bee", 250)):
         (tmp_path / name).mkdir()
@@ -230,12 +255,13 @@ def test_image_folder_records_skipped_files(tmp_path):
 
 # --- IDX via load_dataset -------------------------------------------------------------
 
+
 @pytest.mark.skipif(not pathlib.Path(idx.DEBIAN_FASHION_MNIST_DIR).is_dir(),
                     reason="real Fashion-MNIST needs `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist_from_debian_package():
     for split, size in (("train", 60000), ("test", 10000)):
-        dataset = load_dataset(DataSpec(name="fashion_mnist", image_size=28, channels=1,
-                                        split=split))
+        dataset = load_dataset(
+            DataSpec(name="fashion_mnist", image_size=28, channels=1, split=split))
         assert dataset.images.shape == (size, 28, 28, 1)
         assert dataset.num_classes == 10 and dataset.class_names[9] == "Ankle boot"
         np.testing.assert_array_equal(dataset.class_counts(), np.full(10, size // 10))
@@ -249,22 +275,24 @@ def test_mnist_without_data_says_how_to_get_it(tmp_path):
 
 # --- TFDS -----------------------------------------------------------------------------
 
+
 def test_tfds_unprepared_dataset_gives_clear_error(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(FileNotFoundError, match="not prepared") as error:
-        load_dataset(DataSpec(name="tfds:mnist", image_size=28, channels=1,
-                              data_dir=str(tmp_path)))
+        load_dataset(DataSpec(name="tfds:mnist", image_size=28, channels=1, data_dir=str(tmp_path)))
     assert str(tmp_path) in str(error.value) and "download=True" in str(error.value)
     with pytest.raises(ValueError, match="no dataset 'no_such_dataset_xyz'"):
-        load_dataset(DataSpec(name="tfds:no_such_dataset_xyz", image_size=8, channels=1,
-                              data_dir=str(tmp_path)))
+        load_dataset(
+            DataSpec(name="tfds:no_such_dataset_xyz", image_size=8, channels=1,
+                     data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("missing", ["tensorflow_datasets", "tensorflow"])
 def test_tfds_without_the_extra_names_the_pip_command(monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # the import fails, as on a lean install
-    with pytest.raises(ValueError, match=r"'tfds:cifar10' needs TensorFlow Datasets.*"
-                                         r"pip install 'jaxdpdm\[tfds\]'"):
+    with pytest.raises(
+            ValueError, match=r"'tfds:cifar10' needs TensorFlow Datasets.*"
+            r"pip install 'jaxdpdm\[tfds\]'"):
         load_dataset(DataSpec(name="tfds:cifar10", image_size=32, channels=3))
 
 
@@ -273,8 +301,7 @@ def test_tfds_batches_are_shaped_and_labelled(monkeypatch):
     label = types.SimpleNamespace(names=["no tumor", "tumor"])
     builder = types.SimpleNamespace(
         data_dir="/fake/patch_camelyon/2.0.0",
-        info=types.SimpleNamespace(supervised_keys=("image", "label"),
-                                   features={"label": label}))
+        info=types.SimpleNamespace(supervised_keys=("image", "label"), features={"label": label}))
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8), np.array([0, 1, 1, 0])),
                (rng.integers(0, 256, (2, 12, 12, 3), dtype=np.uint8), np.array([1, 1]))]
@@ -282,8 +309,8 @@ def test_tfds_batches_are_shaped_and_labelled(monkeypatch):
     monkeypatch.setattr(sources, "_prepared_tfds_builder", lambda spec: builder)
     monkeypatch.setattr(sources, "_iterate_tfds_batches",
                         lambda b, split: requested.append(split) or iter(batches))
-    dataset = load_dataset(DataSpec(name="tfds:patch_camelyon", image_size=6, channels=1,
-                                    max_examples=5))
+    dataset = load_dataset(
+        DataSpec(name="tfds:patch_camelyon", image_size=6, channels=1, max_examples=5))
     assert requested == ["train[:5]"]
     assert dataset.images.shape == (5, 6, 6, 1) and dataset.class_names == ("no tumor", "tumor")
     np.testing.assert_array_equal(dataset.labels, [0, 1, 1, 0, 1])

@@ -20,8 +20,10 @@ KNOWN_SIGMA = {"rdp": 9.89, "pld": 9.12}  # sigma that spends epsilon = 1
 
 @pytest.fixture(scope="module")
 def calibrated():
-    return {acc: calibrate_noise_multiplier(target_epsilon=1.0, delta=DELTA, sampling_rate=Q,
-                                            steps=STEPS, accountant=acc) for acc in KNOWN_SIGMA}
+    return {
+        acc: calibrate_noise_multiplier(target_epsilon=1.0, delta=DELTA, sampling_rate=Q,
+                                        steps=STEPS, accountant=acc) for acc in KNOWN_SIGMA
+    }
 
 
 @pytest.mark.parametrize("acc", ["rdp", "pld"])
@@ -30,8 +32,8 @@ def test_calibration_matches_known_values_and_is_tight(calibrated, acc):
     assert sigma == pytest.approx(KNOWN_SIGMA[acc], abs=0.01)
     spent = epsilon(noise_multiplier=sigma, sampling_rate=Q, steps=STEPS, delta=DELTA,
                     accountant=acc)
-    less_noise = epsilon(noise_multiplier=0.99 * sigma, sampling_rate=Q, steps=STEPS,
-                         delta=DELTA, accountant=acc)
+    less_noise = epsilon(noise_multiplier=0.99 * sigma, sampling_rate=Q, steps=STEPS, delta=DELTA,
+                         accountant=acc)
     assert spent <= 1.0 < less_noise
 
 
@@ -47,15 +49,19 @@ def test_epsilon_is_monotone_and_pld_is_tighter_than_rdp():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(delta=0.0), "delta"), (dict(delta=1.0), "delta"),
-    (dict(sampling_rate=0.0), "sampling_rate"), (dict(sampling_rate=1.5), "sampling_rate"),
-    (dict(noise_multiplier=-1.0), "noise_multiplier"), (dict(steps=-1), "steps"),
+    (dict(delta=0.0), "delta"),
+    (dict(delta=1.0), "delta"),
+    (dict(sampling_rate=0.0), "sampling_rate"),
+    (dict(sampling_rate=1.5), "sampling_rate"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(steps=-1), "steps"),
     (dict(accountant="moments"), "accountant"),
 ])
 def test_epsilon_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        epsilon(**{"noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 10, "delta": DELTA,
-                   **kwargs})
+        epsilon(
+            **
+            {"noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 10, "delta": DELTA, **kwargs})
 
 
 @pytest.mark.parametrize("target", [0.0, -1.0, math.inf])
@@ -84,10 +90,12 @@ def test_ledger_composes_phases_that_change_sigma_and_q():
     ledger.record(1.5, 0.05, steps=10)
     assert ledger.phases == [(1.5, 0.05, 30), (3.0, 0.1, 20), (1.5, 0.05, 10)]
     assert ledger.total_steps == 60
-    reference = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
-        for s, q, n in ledger.phases])).get_epsilon(DELTA)
+    reference = dp_accounting.rdp.RdpAccountant().compose(
+        dp_accounting.ComposedDpEvent([
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
+            for s, q, n in ledger.phases
+        ])).get_epsilon(DELTA)
     assert ledger.spent_epsilon() == pytest.approx(reference, rel=1e-12)
     first_phase_only = epsilon(noise_multiplier=1.5, sampling_rate=0.05, steps=40, delta=DELTA,
                                accountant="rdp")

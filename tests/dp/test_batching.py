@@ -63,8 +63,7 @@ def test_shuffled_batches_are_fixed_size_epochs_and_not_accountable_as_poisson()
     assert len(np.unique(seen)) == seen.size  # without replacement within an epoch
     np.testing.assert_array_equal(epoch[3], shuffled_batch(num_examples, batch_size, seed=1,
                                                            step=3))
-    assert not np.array_equal(shuffled_batch(num_examples, batch_size, seed=1, step=10),
-                              epoch[0])
+    assert not np.array_equal(shuffled_batch(num_examples, batch_size, seed=1, step=10), epoch[0])
     ledger = accounting.PrivacyLedger(1.0, 1e-5)
     with pytest.raises(ValueError, match="Poisson"):
         ledger.record(1.0, batch_size / num_examples, sampling="shuffled")

@@ -15,9 +15,12 @@ CLIP = 0.5
 
 def init_mlp(seed, dtype=jnp.float32):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    return {"dense1": {"kernel": (jax.random.normal(k1, (DIM, HIDDEN)) / 3).astype(dtype),
-                       "bias": (0.1 * jax.random.normal(k2, (HIDDEN,))).astype(dtype)},
-            "dense2": {"kernel": (jax.random.normal(k3, (HIDDEN,)) / 4).astype(dtype)}}
+    return {
+        "dense1": {
+            "kernel": (jax.random.normal(k1, (DIM, HIDDEN)) / 3).astype(dtype),
+            "bias": (0.1 * jax.random.normal(k2, (HIDDEN,))).astype(dtype)
+        }, "dense2": {"kernel": (jax.random.normal(k3, (HIDDEN,)) / 4).astype(dtype)}
+    }
 
 
 def loss_fn(params, example, rng):
@@ -31,11 +34,12 @@ def loss_fn(params, example, rng):
 def make_batch(seed, scales=None, size=B):
     rng = np.random.default_rng(seed)
     if scales is None:
-        scales = 10.0 ** rng.uniform(-2, 2, size)
-    return {"x": rng.normal(size=(size, DIM)).astype(np.float32),
-            "y": rng.normal(size=size).astype(np.float32),
-            "scale": np.asarray(scales, np.float32),
-            "index": rng.permutation(1000)[:size].astype(np.int32)}
+        scales = 10.0**rng.uniform(-2, 2, size)
+    return {
+        "x": rng.normal(size=(size, DIM)).astype(np.float32),
+        "y": rng.normal(size=size).astype(np.float32), "scale": np.asarray(scales, np.float32),
+        "index": rng.permutation(1000)[:size].astype(np.int32)
+    }
 
 
 def flat(tree):
@@ -50,14 +54,16 @@ def tree_norm(tree):
 KEY = jax.random.key(7)
 # One compiled function per shape and configuration (compiles dominate the runtime here).
 GRAD_SUM = jax.jit(clipped_grad_sum(loss_fn, clip_norm=CLIP))
-MICROBATCHED = {m: jax.jit(clipped_grad_sum(loss_fn, clip_norm=CLIP, microbatch_size=m))
-                for m in (1, 4)}
+MICROBATCHED = {
+    m: jax.jit(clipped_grad_sum(loss_fn, clip_norm=CLIP, microbatch_size=m)) for m in (1, 4)
+}
 
 
 @jax.jit
 def per_example_clipped(params, batch):
     """Per-example clipped gradients [B, ...] and stats via the public API (a vmapped batch of
     one), with the unclipped f32 gradients at scale 1 as reference directions."""
+
     def one(example):
         single = jax.tree.map(lambda x: x[None], example)
         return clipped_grad_sum(loss_fn, clip_norm=CLIP)(params, single, jnp.ones(1, bool), KEY)
@@ -129,8 +135,9 @@ def test_padding_is_zero_and_microbatching_changes_nothing(seed):
         np.testing.assert_allclose(flat(total), expected, rtol=1e-5, atol=1e-6)
         assert np.all(np.asarray(stats.norms)[~mask] == 0)
         assert np.all(np.asarray(stats.losses)[~mask] == 0)
-        np.testing.assert_allclose(np.asarray(stats.norms)[mask],
-                                   np.asarray(clip_stats.norms)[mask, 0], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(stats.norms)[mask],
+            np.asarray(clip_stats.norms)[mask, 0], rtol=1e-5)
         assert int(stats.num_nonfinite) == 0
         assert int(stats.num_clipped) == int(np.sum(np.asarray(clip_stats.norms)[mask] > CLIP))
 
@@ -164,11 +171,11 @@ def test_trainable_subset_is_not_differentiated():
     pattern = "dense2/"
     as_tree = trainable_mask(params, pattern)
     assert as_tree == {"dense1": {"kernel": False, "bias": False}, "dense2": {"kernel": True}}
-    sub_inf = jax.jit(clipped_grad_sum(loss_fn, clip_norm=math.inf, trainable=pattern))(
-        params, batch, mask, KEY)[0]
+    sub_inf = jax.jit(clipped_grad_sum(loss_fn, clip_norm=math.inf,
+                                       trainable=pattern))(params, batch, mask, KEY)[0]
     assert not np.any(flat(sub_inf["dense1"]))  # frozen leaves: zeros
-    np.testing.assert_allclose(sub_inf["dense2"]["kernel"], full_inf["dense2"]["kernel"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(sub_inf["dense2"]["kernel"], full_inf["dense2"]["kernel"], rtol=1e-6)
+
     def count_dots(trainable):
         fn = clipped_grad_sum(loss_fn, clip_norm=CLIP, trainable=trainable)
         return str(jax.make_jaxpr(fn)(params, batch, mask, KEY)).count("dot_general")
@@ -186,8 +193,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="microbatch_size"):
         clipped_grad_sum(loss_fn, clip_norm=1.0, microbatch_size=0)
     with pytest.raises(ValueError, match="multiple"):
-        clipped_grad_sum(loss_fn, clip_norm=1.0, microbatch_size=5)(
-            params, batch, np.ones(B, bool), KEY)
+        clipped_grad_sum(loss_fn, clip_norm=1.0, microbatch_size=5)(params, batch, np.ones(B, bool),
+                                                                    KEY)
     with pytest.raises(ValueError, match="PRNG key"):
         GRAD_SUM(params, batch, np.ones(B, bool), np.zeros(2, np.float32))
     with pytest.raises(ValueError, match="raw key data"):

@@ -17,8 +17,10 @@ SHAPES = {"a": (100, 100), "b": (100, 100), "c": (37,)}
 
 def grad_sum_tree(seed, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(seed), len(SHAPES))
-    return {name: (5.0 * jax.random.normal(k, shape)).astype(dtype)
-            for k, (name, shape) in zip(keys, SHAPES.items())}
+    return {
+        name: (5.0 * jax.random.normal(k, shape)).astype(dtype)
+        for k, (name, shape) in zip(keys, SHAPES.items())
+    }
 
 
 def noise_of(transform, grads, count):
@@ -53,8 +55,8 @@ def test_noise_is_independent_across_steps_and_coordinates():
     n = z0["a"].size
     bound = 5 / math.sqrt(n)  # |sample correlation| of independent normals: SE 1/sqrt(n)
     corr = lambda x, y: np.corrcoef(np.ravel(x), np.ravel(y))[0, 1]
-    assert abs(corr(z0["a"], z1["a"])) < bound      # step t vs step t + 1
-    assert abs(corr(z0["a"], z0["b"])) < bound      # two leaves of the same shape
+    assert abs(corr(z0["a"], z1["a"])) < bound  # step t vs step t + 1
+    assert abs(corr(z0["a"], z0["b"])) < bound  # two leaves of the same shape
     flat_a = np.ravel(z0["a"])
     assert abs(corr(flat_a[:-1], flat_a[1:])) < bound  # neighbouring coordinates
     assert abs(corr(z0["a"][:, :50], z0["a"][:, 50:])) < 5 / math.sqrt(n / 2)
@@ -82,6 +84,7 @@ def test_same_seed_and_step_give_the_same_noise_and_resume_replays_it():
 
 
 def test_sigma_zero_and_infinite_clip_reproduce_the_plain_mean_gradient():
+
     def loss_fn(params, example, rng):
         del rng
         return jnp.square(jnp.tanh(example["x"] @ params["w"]) @ params["v"] - example["y"])
@@ -92,8 +95,9 @@ def test_sigma_zero_and_infinite_clip_reproduce_the_plain_mean_gradient():
     optimizer = optax.chain(
         dp_aggregate(clip_norm=math.inf, noise_multiplier=0.0, expected_batch_size=10, seed=0),
         optax.sgd(0.1))
-    grad_sum, stats = jax.jit(clipped_grad_sum(loss_fn, clip_norm=math.inf))(
-        params, batch, jnp.ones(10, bool), jax.random.key(1))
+    grad_sum, stats = jax.jit(clipped_grad_sum(loss_fn, clip_norm=math.inf))(params, batch,
+                                                                             jnp.ones(10, bool),
+                                                                             jax.random.key(1))
     updates, _ = optimizer.update(grad_sum, optimizer.init(params), params)
 
     def mean_loss(p):
@@ -108,14 +112,14 @@ def test_sigma_zero_and_infinite_clip_reproduce_the_plain_mean_gradient():
 
 def test_frozen_leaves_get_no_noise_and_trainable_noise_is_unchanged():
     grads = grad_sum_tree(2, dtype=jnp.bfloat16)
-    frozen = dp_aggregate(clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS,
-                          seed=3, trainable={"a": True, "b": False, "c": True})
+    frozen = dp_aggregate(clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, seed=3,
+                          trainable={"a": True, "b": False, "c": True})
     masked = noise_of(frozen, grads, 5)
     full = noise_of(TRANSFORM, grads, 5)
     np.testing.assert_array_equal(masked["b"] + np.asarray(grads["b"], np.float32), 0.0)
     np.testing.assert_array_equal(masked["a"], full["a"])  # keys do not depend on the mask
-    by_regex = dp_aggregate(clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS,
-                            seed=3, trainable="^(a|c)$")
+    by_regex = dp_aggregate(clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, seed=3,
+                            trainable="^(a|c)$")
     np.testing.assert_array_equal(noise_of(by_regex, grads, 5)["c"], masked["c"])
 
 

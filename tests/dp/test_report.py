@@ -64,8 +64,8 @@ def test_mechanism_describes_the_recorded_steps(one_phase):
     assert m["noise_multiplier"] == 1.2
     assert m["sampling_rate"] == 0.01
     assert m["steps"] == ledger.total_steps == 5
-    assert (m["expected_batch_size"], m["num_examples"], m["clip_norm"], m["augmult"]) == (
-        10, NUM_EXAMPLES, 0.5, 3)
+    assert (m["expected_batch_size"], m["num_examples"], m["clip_norm"],
+            m["augmult"]) == (10, NUM_EXAMPLES, 0.5, 3)
     assert m["history"] == ledger.to_dict()
     assert PrivacyLedger.from_dict(m["history"]).spent_epsilon() == ledger.spent_epsilon()
 
@@ -114,10 +114,10 @@ def test_format_mentions_every_number_a_reader_needs(one_phase):
     _, report = one_phase
     text = report_lib.format_privacy_report(report)
     g = report["guarantee"]
-    for fragment in (f"{g['epsilon_pld']:.3f}", f"{g['epsilon_rdp']:.3f}", "1.0e-05",
-                     "epsilon", "sigma = 1.2", "q = 0.01", "steps = 5", "clip norm C = 0.5",
-                     "K = 3", "N = 1000", "calibrated", "12,345", "2,345", "scratch",
-                     "Not covered", "do not publish"):
+    for fragment in (f"{g['epsilon_pld']:.3f}", f"{g['epsilon_rdp']:.3f}", "1.0e-05", "epsilon",
+                     "sigma = 1.2", "q = 0.01", "steps = 5", "clip norm C = 0.5", "K = 3",
+                     "N = 1000", "calibrated", "12,345", "2,345", "scratch", "Not covered",
+                     "do not publish"):
         assert fragment in text, fragment
     assert "stopped early" not in text
 
@@ -136,8 +136,8 @@ def test_format_mentions_early_stop_pattern_and_init_from():
 def test_write_privacy_report_writes_json_and_text(tmp_path, one_phase, capsys):
     _, report = one_phase
     text = report_lib.write_privacy_report(str(tmp_path), report)
-    assert sorted(os.listdir(tmp_path)) == sorted([report_lib.PRIVACY_JSON,
-                                                   report_lib.PRIVACY_TEXT])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [report_lib.PRIVACY_JSON, report_lib.PRIVACY_TEXT])
     with open(tmp_path / report_lib.PRIVACY_JSON) as f:
         assert json.load(f) == report
     assert (tmp_path / report_lib.PRIVACY_TEXT).read_text() == text
@@ -145,9 +145,9 @@ def test_write_privacy_report_writes_json_and_text(tmp_path, one_phase, capsys):
     assert text in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("seed_fixed, fragment", [
-    (True, "WARNING: the seed was fixed by the config"), (None, "Seed: not recorded"),
-    (False, None)])
+@pytest.mark.parametrize("seed_fixed, fragment",
+                         [(True, "WARNING: the seed was fixed by the config"),
+                          (None, "Seed: not recorded"), (False, None)])
 def test_the_report_states_whether_the_seed_was_fixed(seed_fixed, fragment):
     report = _report(_ledger([(1.2, 0.01, 2)]), seed_fixed=seed_fixed)
     assert report["guarantee"]["seed_fixed_by_config"] is seed_fixed
@@ -167,10 +167,13 @@ def test_earlier_releases_are_archived_listed_and_composed(tmp_path, one_phase, 
     earlier = report_lib.archive_earlier_reports(str(tmp_path), traces)
     assert sorted(os.listdir(tmp_path)) == [
         "events.out.tfevents.1", "grid_final.png", "privacy_report.earlier-1.json",
-        "privacy_report.earlier-1.txt"]
+        "privacy_report.earlier-1.txt"
+    ]
     g = first["guarantee"]
-    assert earlier == [{"report": "privacy_report.earlier-1.json",
-                        "epsilon_pld": g["epsilon_pld"], "delta": g["delta"]}]
+    assert earlier == [{
+        "report": "privacy_report.earlier-1.json", "epsilon_pld": g["epsilon_pld"],
+        "delta": g["delta"]
+    }]
     second = _report(_ledger([(1.2, 0.01, 5)]), earlier_releases=earlier)
     assert second["composition"]["epsilon_total"] == pytest.approx(2 * g["epsilon_pld"])
     assert second["composition"]["delta_total"] == pytest.approx(2 * g["delta"])
@@ -180,10 +183,11 @@ def test_earlier_releases_are_archived_listed_and_composed(tmp_path, one_phase, 
 
 def test_an_earlier_release_without_a_report_has_an_unknown_epsilon(tmp_path):
     (tmp_path / "grid_final.png").write_bytes(b"png")
-    earlier = report_lib.archive_earlier_reports(
-        str(tmp_path), report_lib.release_traces(str(tmp_path)))
-    assert earlier == [{"report": None, "epsilon_pld": None, "delta": None,
-                        "traces": ["grid_final.png"]}]
+    earlier = report_lib.archive_earlier_reports(str(tmp_path),
+                                                 report_lib.release_traces(str(tmp_path)))
+    assert earlier == [{
+        "report": None, "epsilon_pld": None, "delta": None, "traces": ["grid_final.png"]
+    }]
     report = _report(_ledger([(1.2, 0.01, 5)]), earlier_releases=earlier)
     assert report["composition"]["epsilon_total"] is None
     assert "are NOT the total" in report_lib.format_privacy_report(report)
@@ -206,8 +210,10 @@ def test_report_names_the_protected_data_and_the_unprotected_pretraining_data():
     ledger = _ledger([(1.2, 0.01, 2)])
     config = _config()
     config.init_from = "/runs/q/pretrain"
-    initial = {"workdir": "/runs/q/pretrain", "phase": "pretrain", "steps": 600,
-               "num_examples": 288, "dataset": "digits [public part]: 288 images"}
+    initial = {
+        "workdir": "/runs/q/pretrain", "phase": "pretrain", "steps": 600, "num_examples": 288,
+        "dataset": "digits [public part]: 288 images"
+    }
     report = _report(ledger, config, initial_model=initial)
     assert report["protected"] == ("each of the 1000 training examples of this run: "
                                    "digits train: 1000 images 8x8x1")

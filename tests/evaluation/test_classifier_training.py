@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpdm.evaluation.classifier_training import (RECIPES, TrainConfig, accuracy,
-                                                    augment_images, predict, recipe,
-                                                    split_holdout, train_classifier)
+from jaxdpdm.evaluation.classifier_training import (RECIPES, TrainConfig, accuracy, augment_images,
+                                                    predict, recipe, split_holdout,
+                                                    train_classifier)
 
 CFG = TrainConfig(model="cnn", epochs=4, batch_size=32, learning_rate=1e-3, augment="mnist",
                   crop_padding=1, val_fraction=0.2, eval_batch_size=128, seed=0)
@@ -52,23 +52,23 @@ def test_returned_params_are_the_best_validation_epoch(trained_on_digits):
 
 
 def test_evaluation_pads_the_last_batch_and_counts_every_example(shuffled_digits,
-                                                                  trained_on_digits):
+                                                                 trained_on_digits):
     images, labels = shuffled_digits
     trained, _, _ = trained_on_digits
     whole = predict(trained, images[:300], batch_size=128)  # 128 + 128 + 44 padded
     assert whole.shape == (300,)
     one_batch = predict(trained, np.concatenate([images[:300], images[:84]]), batch_size=128)
     np.testing.assert_array_equal(whole, one_batch[:300])
-    assert accuracy(trained, images[:300], labels[:300], batch_size=128) == np.mean(
-        whole == labels[:300])
+    assert accuracy(trained, images[:300], labels[:300],
+                    batch_size=128) == np.mean(whole == labels[:300])
 
 
 def test_augmentation_is_a_shift_keyed_by_example_index():
     images = jax.random.uniform(jax.random.key(0), (6, 8, 8, 2), minval=-1, maxval=1)
     indices = jnp.arange(10, 16)
     key = jax.random.key(5)
-    np.testing.assert_array_equal(augment_images(images, indices, key, kind="none",
-                                                 crop_padding=2), images)
+    np.testing.assert_array_equal(augment_images(images, indices, key, kind="none", crop_padding=2),
+                                  images)
     shifted = np.asarray(augment_images(images, indices, key, kind="mnist", crop_padding=2))
     padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1)
     for b in range(6):  # each output is one 8x8 window of the black-padded image
@@ -99,10 +99,11 @@ def test_split_holdout_is_stratified_disjoint_and_seeded(shuffled_digits):
     assert rows(np.concatenate([kept_x, held_x])) == rows(images[:500])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"augment": "flip"}, "augment"), ({"model": "vit"}, "model"),
-    ({"val_fraction": 1.0}, "val_fraction"), ({"epochs": 0}, "epochs"),
-    ({"learning_rate": 0.0}, "learning_rate")])
+@pytest.mark.parametrize("overrides,message", [({"augment": "flip"}, "augment"),
+                                               ({"model": "vit"}, "model"),
+                                               ({"val_fraction": 1.0}, "val_fraction"),
+                                               ({"epochs": 0}, "epochs"),
+                                               ({"learning_rate": 0.0}, "learning_rate")])
 def test_train_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides).validate()

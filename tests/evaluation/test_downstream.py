@@ -64,8 +64,8 @@ def test_sweep_configs_grid_and_errors():
         sweep_configs(CFG, {"epochs": []})
 
 
-def test_public_images_give_a_selection_metric_and_two_more_classifiers(shuffled_digits,
-                                                                        monkeypatch):
+def test_public_images_give_a_selection_metric_and_two_more_classifiers(
+        shuffled_digits, monkeypatch):
     """Real public images: synthetic -> public scoring, public-only and public + synthetic
     classifiers; no epoch or candidate is chosen on the test set, and the synthetic-only
     numbers are those of a run without public images."""
@@ -94,8 +94,8 @@ def test_public_images_give_a_selection_metric_and_two_more_classifiers(shuffled
     assert report["synthetic_to_real_public_accuracy"] == chosen["real_public_accuracy"]
     assert chosen["real_public_accuracy"] == pytest.approx(
         chosen["real_public_accuracy_by_epoch"][chosen["selected_epoch"] - 1])
-    assert report["sweep"]["chosen_by_real_public"] == int(np.argmax(
-        [row["real_public_accuracy"] for row in rows]))
+    assert report["sweep"]["chosen_by_real_public"] == int(
+        np.argmax([row["real_public_accuracy"] for row in rows]))
     # Measured 0.28 (public only: 24 steps on 270 digits) and 0.57 (public + "synthetic" real
     # digits: 48 steps on 540); chance is 0.1.
     assert report["public_to_real_test_accuracy"] > 0.15
@@ -112,8 +112,8 @@ def test_public_images_give_a_selection_metric_and_two_more_classifiers(shuffled
     np.testing.assert_array_equal(calls[3][1], np.concatenate([synthetic_val[0], public_val[0]]))
     sizes = report["num_examples"]
     assert sizes["public"] == 300
-    assert report["public"]["public_plus_synthetic"]["num_train"] == (
-        sizes["synthetic_train"] + len(public_fit[1]))
+    assert report["public"]["public_plus_synthetic"]["num_train"] == (sizes["synthetic_train"] +
+                                                                      len(public_fit[1]))
 
     # Scrambled test labels change test accuracies only, never a choice.
     scrambled = (test[0], np.random.default_rng(3).permutation(test[1]))
@@ -126,8 +126,7 @@ def test_public_images_give_a_selection_metric_and_two_more_classifiers(shuffled
     assert again["public_to_real_test_accuracy"] != report["public_to_real_test_accuracy"]
 
     # Without public images (or without the mix): the synthetic-only numbers are unchanged.
-    plain = evaluate_downstream(synthetic, real_train, test, cfg, sweep=sweep,
-                                real_reference=False)
+    plain = evaluate_downstream(synthetic, real_train, test, cfg, sweep=sweep, real_reference=False)
     assert plain["synthetic_to_real_test_accuracy"] == report["synthetic_to_real_test_accuracy"]
     assert plain["selected"] == report["selected"]
     assert plain["public"] is None and plain["public_to_real_test_accuracy"] is None

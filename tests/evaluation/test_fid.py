@@ -22,8 +22,8 @@ def test_agrees_with_independent_scipy_formula_and_is_symmetric():
     (mu1, s1), (mu2, s2) = random_stats(1), random_stats(2)
     # tr sqrtm(s1 s2) = tr sqrtm(s1^1/2 s2 s1^1/2): a different, symmetric-matrix route.
     root1 = scipy.linalg.sqrtm(s1).real
-    direct = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-              - 2 * np.trace(scipy.linalg.sqrtm(root1 @ s2 @ root1).real))
+    direct = (np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) -
+              2 * np.trace(scipy.linalg.sqrtm(root1 @ s2 @ root1).real))
     d12, d21 = fid.frechet_distance(mu1, s1, mu2, s2), fid.frechet_distance(mu2, s2, mu1, s1)
     np.testing.assert_allclose(d12, direct, rtol=1e-8)
     np.testing.assert_allclose(d12, d21, rtol=1e-8)
@@ -32,7 +32,7 @@ def test_agrees_with_independent_scipy_formula_and_is_symmetric():
 def test_diagonal_gaussians_closed_form():
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
     mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 2.0])
-    expected = 5.0 + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    expected = 5.0 + np.sum((np.sqrt(v1) - np.sqrt(v2))**2)
     np.testing.assert_allclose(fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), expected)
 
 

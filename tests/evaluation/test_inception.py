@@ -41,8 +41,8 @@ def random_flat():
 
 
 def test_flax_module_has_exactly_the_reference_layout():
-    shapes = jax.eval_shape(lambda: inception.InceptionV3().init(
-        jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
+    shapes = jax.eval_shape(
+        lambda: inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
     flat = inception.flat_from_variables(zeros)
     reference = inception.reference_param_shapes()
@@ -62,8 +62,11 @@ def test_reference_layout_equals_torchvision_state_dict():
     torchvision = pytest.importorskip("torchvision")
     net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
                                           num_classes=1008)
-    trunk = {k: tuple(v.shape) for k, v in net.state_dict().items()
-             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    trunk = {
+        k: tuple(v.shape)
+        for k, v in net.state_dict().items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     assert trunk == inception.reference_param_shapes()
 
 
@@ -113,8 +116,9 @@ def test_resize_matches_torch_bilinear_without_corner_alignment(in_hw):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).uniform(size=(1, *in_hw, 3)).astype(np.float32)
     ours = np.asarray(inception.preprocess_images(jnp.asarray(x)))
-    ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299),
-                                          mode="bilinear", align_corners=False)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear",
+        align_corners=False)
     ref = 2 * ref.permute(0, 2, 3, 1).numpy() - 1
     np.testing.assert_allclose(ours, ref, atol=1e-6)  # same weights; summation order differs
 

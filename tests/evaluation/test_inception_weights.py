@@ -16,8 +16,8 @@ from jaxdpdm.evaluation import inception, inception_weights
 def _serve(monkeypatch, path: pathlib.Path, digest: str | None = None) -> None:
     """Points the module's release URL at `path`, expecting `digest` (default: the file's)."""
     monkeypatch.setattr(inception_weights, "PTH_URL", path.as_uri())
-    monkeypatch.setattr(inception_weights, "PTH_SHA256",
-                        digest or hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(inception_weights, "PTH_SHA256", digest or
+                        hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def test_fetch_keeps_the_file_only_when_its_digest_matches(tmp_path):
@@ -76,6 +76,7 @@ def test_first_use_downloads_verifies_and_converts_once(tmp_path, monkeypatch):
     # Later uses read the cache: no download, no conversion.
     def no_network(*args, **kwargs):
         raise AssertionError("downloaded again")
+
     monkeypatch.setattr(inception_weights, "fetch", no_network)
     assert inception_weights.resolve(None, download=True, cache=str(cache)) == npz
 

@@ -31,8 +31,8 @@ def digits():
 
 def test_logistic_classifier_of_real_digits_reads_real_labels_not_wrong_ones(digits):
     train, test = digits
-    classifier = lc.fit_label_classifier((train.images, train.labels),
-                                         (test.images, test.labels), 10, kind="logistic")
+    classifier = lc.fit_label_classifier((train.images, train.labels), (test.images, test.labels),
+                                         10, kind="logistic")
     assert classifier.real_test_accuracy > 0.9 and classifier.num_train == len(train)
     # Real test images "generated" for their true class are consistent as often as the
     # classifier is right; the same images with shifted labels almost never are.
@@ -49,8 +49,8 @@ def test_logistic_classifier_of_real_digits_reads_real_labels_not_wrong_ones(dig
 
 def test_cnn_classifier_trains_on_real_images(digits):
     train, test = digits
-    classifier = lc.fit_label_classifier((train.images, train.labels),
-                                         (test.images, test.labels), 10, kind="cnn", epochs=3)
+    classifier = lc.fit_label_classifier((train.images, train.labels), (test.images, test.labels),
+                                         10, kind="cnn", epochs=3)
     assert classifier.kind == "cnn" and classifier.real_test_accuracy > 0.5
     assert classifier.predict(test.images[:7]).shape == (7,)
 

@@ -28,12 +28,16 @@ FEATURE_DIM = 6
 def _summary_report(*, with_fid: bool, with_privacy: bool, real_reference: bool = True):
     return {
         "samples": {"num": 40, "shape": [8, 8, 1]},
-        "privacy": ({"epsilon_pld": 9.87654, "epsilon_rdp": 11.5, "delta": 1e-5}
-                    if with_privacy else None),
-        "fid": ({"fid": 12.3456, "num_synthetic": 40, "num_real": 1437,
-                 "reference": "digits_train_8px"} if with_fid else None),
-        "downstream": {"synthetic_to_real_test_accuracy": 0.81234,
-                       "real_to_real_test_accuracy": 0.95 if real_reference else None},
+        "privacy":
+            ({"epsilon_pld": 9.87654, "epsilon_rdp": 11.5, "delta": 1e-5} if with_privacy else None
+            ),
+        "fid": ({
+            "fid": 12.3456, "num_synthetic": 40, "num_real": 1437, "reference": "digits_train_8px"
+        } if with_fid else None),
+        "downstream": {
+            "synthetic_to_real_test_accuracy": 0.81234,
+            "real_to_real_test_accuracy": 0.95 if real_reference else None
+        },
     }
 
 
@@ -62,6 +66,7 @@ def test_format_summary_without_real_reference():
 
 
 # --- compute_fid with a stand-in feature function ---------------------------------------------------
+
 
 class ProjectionFeatures:
     """`features(uint8 [b, H, W, C]) -> f32 [b, FEATURE_DIM]`: a fixed random projection; counts
@@ -147,12 +152,15 @@ def test_reference_statistics_are_cached_and_reused(tmp_path, stand_in_inception
 
 def test_fid_does_not_depend_on_the_batch_size(tmp_path, stand_in_inception):
     real, synthetic = _images(0), _images(1, n=30)
-    values = [run_lib.compute_fid(_config(batch), synthetic, real, str(tmp_path / str(batch)),
-                                  "digits")["fid"] for batch in (7, 50)]
+    values = [
+        run_lib.compute_fid(_config(batch), synthetic, real, str(tmp_path / str(batch)),
+                            "digits")["fid"] for batch in (7, 50)
+    ]
     assert values[0] == pytest.approx(values[1], rel=1e-6)
 
 
 # --- the real test set, and where the samples came from ---------------------------------------
+
 
 def _folder(root, value_per_class):
     """root/<class>/<i>.png: 3 gray 8x8 images per class, levels from `value_per_class`."""
@@ -220,8 +228,8 @@ def test_evaluate_an_image_folder_on_its_test_folder(tmp_path, stub_downstream):
     workdir = tmp_path / "run"
     _write_samples(workdir, step=3)
     report = run_lib.evaluate_workdir(_folder_config(train_dir, test_dir), str(workdir))
-    np.testing.assert_array_equal(stub_downstream["test"][0][:, 0, 0, 0], [11, 12, 13, 100,
-                                                                             101, 102])
+    np.testing.assert_array_equal(stub_downstream["test"][0][:, 0, 0, 0],
+                                  [11, 12, 13, 100, 101, 102])
     assert report["data"]["num_test"] == 6 and report["data"]["test_images_in_train"] == 2
     assert stub_downstream["public"] is None and report["data"]["num_public"] is None
     assert report["samples"]["checkpoint_step"] == 3
@@ -243,8 +251,9 @@ def test_samples_of_another_step_than_the_privacy_report_are_refused(tmp_path, s
     workdir = tmp_path / "run"
     _write_samples(workdir, step=2)
     (workdir / "privacy_report.json").write_text(json.dumps({"mechanism": {"steps": 3}}))
-    with pytest.raises(ValueError, match="drawn at checkpoint step 2, but privacy_report.json "
-                                         "describes the model at step 3"):
+    with pytest.raises(
+            ValueError, match="drawn at checkpoint step 2, but privacy_report.json "
+            "describes the model at step 3"):
         run_lib.samples_provenance(str(workdir))
     (workdir / "privacy_report.json").write_text(json.dumps({"mechanism": {"steps": 2}}))
     assert run_lib.samples_provenance(str(workdir))["checkpoint_step"] == 2
@@ -256,6 +265,7 @@ def test_evaluate_without_samples_says_what_to_run(tmp_path):
 
 
 # --- the real public part of a public/private split -------------------------------------------
+
 
 def _digits_split_config(subset="private"):
     config = get_config()
@@ -314,12 +324,13 @@ def test_a_config_trained_on_the_public_part_is_its_own_public_set():
 
 # --- the downstream classifier's recipe -------------------------------------------------------
 
+
 def test_the_cnn_recipe_is_dpdms_protocol_as_before():
     """The numbers of earlier evaluations came from exactly this TrainConfig."""
     assert run_lib.downstream_config(get_config()) == TrainConfig(
         model="cnn", epochs=20, batch_size=64, learning_rate=3e-4, weight_decay=0.0,
-        optimizer="adam", lr_schedule="constant", augment="mnist", crop_padding=2,
-        val_fraction=0.1, eval_batch_size=512, seed=0)
+        optimizer="adam", lr_schedule="constant", augment="mnist", crop_padding=2, val_fraction=0.1,
+        eval_batch_size=512, seed=0)
 
 
 def test_wrn16_4_gets_the_cifar_recipe_and_set_fields_override_it():
@@ -331,8 +342,9 @@ def test_wrn16_4_gets_the_cifar_recipe_and_set_fields_override_it():
     assert run_lib.downstream_config(config) == wrn and run_lib.recipe_overrides(config) == {}
     config.eval.classifier_epochs, config.eval.augment = 3, "none"
     config.eval.classifier_learning_rate, config.eval.classifier_batch_size = 0.05, 32
-    assert run_lib.downstream_config(config) == dataclasses.replace(
-        wrn, epochs=3, augment="none", learning_rate=0.05, batch_size=32)
-    assert run_lib.recipe_overrides(config) == {"epochs": 3, "augment": "none",
-                                                "learning_rate": 0.05, "batch_size": 32}
-
+    assert run_lib.downstream_config(config) == dataclasses.replace(wrn, epochs=3, augment="none",
+                                                                    learning_rate=0.05,
+                                                                    batch_size=32)
+    assert run_lib.recipe_overrides(config) == {
+        "epochs": 3, "augment": "none", "learning_rate": 0.05, "batch_size": 32
+    }

@@ -36,8 +36,10 @@ def test_notebook_is_valid_v4_with_a_parameters_cell():
     assert nb.nbformat == 4
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0].cell_type == "code"
-    names = {t.id for node in ast.parse(_code(tagged[0])).body if isinstance(node, ast.Assign)
-             for t in node.targets}
+    names = {
+        t.id for node in ast.parse(_code(tagged[0])).body if isinstance(node, ast.Assign)
+        for t in node.targets
+    }
     assert {"REPO_URL", "TINY", "NUM_STEPS", "TARGET_EPSILON", "WORKDIR"} <= names
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
         "commit the notebook without outputs"
@@ -61,11 +63,13 @@ def test_install_commands_only_run_on_colab():
 
 def _this_python_kernel() -> KernelManager:
     """A kernel manager whose "python3" kernel is this interpreter (with its packages)."""
+
     class ThisPython(KernelSpecManager):
+
         def get_kernel_spec(self, kernel_name, *args, **kwargs):
-            return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
-                                    "{connection_file}"],
-                              display_name="Python (tests)", language="python")
+            return KernelSpec(
+                argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                display_name="Python (tests)", language="python")
 
     return KernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
 
@@ -73,16 +77,17 @@ def _this_python_kernel() -> KernelManager:
 def test_notebook_runs_headless_with_tiny_settings(tmp_path, monkeypatch):
     nb = _notebook()
     workdir = tmp_path / "run"
-    position = next(i for i, c in enumerate(nb.cells)
-                    if "parameters" in c.metadata.get("tags", []))
+    position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     # Injected after the parameters cell, as papermill does.
-    nb.cells.insert(position + 1, nbformat.v4.new_code_cell(
-        f"TINY = True\nNUM_STEPS = 2\nWORKDIR = {str(workdir)!r}"))
+    nb.cells.insert(
+        position + 1,
+        nbformat.v4.new_code_cell(f"TINY = True\nNUM_STEPS = 2\nWORKDIR = {str(workdir)!r}"))
     # The kernel inherits this environment: CPU only, and XLA:CPU's cheap LLVM pipeline (a
     # 2-step run is dominated by compiling the UNet's programs, not by running them).
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                                    "--xla_llvm_disable_expensive_passes=true")
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     client = NotebookClient(nb, km=_this_python_kernel(), timeout=900,
                             resources={"metadata": {"path": str(REPO_ROOT / "launch")}})

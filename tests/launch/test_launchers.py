@@ -32,14 +32,16 @@ import tpu_pod  # noqa: E402
 assert pathlib.Path(common.__file__).parent == LAUNCH, "another module named `common` was imported"
 
 _CONFIGS = sorted((REPO / "configs").glob("*.py"))
-CONFIG = ("configs/default.py" if (REPO / "configs/default.py").is_file()
-          else _CONFIGS[0].relative_to(REPO).as_posix() if _CONFIGS else None)
+CONFIG = ("configs/default.py" if (REPO / "configs/default.py").is_file() else
+          _CONFIGS[0].relative_to(REPO).as_posix() if _CONFIGS else None)
 pytestmark = pytest.mark.skipif(CONFIG is None, reason="no config file in configs/")
 
 # A value with spaces, both quote kinds and shell metacharacters: it must reach jaxdpdm.main intact.
 TRICKY = """--config.data.name=it's a "b" $HOME `x`; c"""
-TPU_ARGS = ["--name=dpdm", "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32",
-            f"--config={CONFIG}", "--workdir=gs://bucket/run"]
+TPU_ARGS = [
+    "--name=dpdm", "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32",
+    f"--config={CONFIG}", "--workdir=gs://bucket/run"
+]
 HAS_POSIX_PROCS = sys.platform.startswith("linux") and all(
     shutil.which(tool) for tool in ("bash", "setsid", "tar"))
 
@@ -95,8 +97,8 @@ def test_tpu_dry_run_checks_creates_ships_installs_starts_in_order():
     assert {"--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"} <= set(commands[1])
     assert all("--worker=all" in argv for argv in commands[3:])
     start = remote_script(commands[-1])
-    main = common.main_command("python3", config=CONFIG, workdir="gs://bucket/run",
-                               multihost=True, overrides=[TRICKY])
+    main = common.main_command("python3", config=CONFIG, workdir="gs://bucket/run", multihost=True,
+                               overrides=[TRICKY])
     assert f'"$HOME/jaxdpdm-venv/bin/python" {shlex.join(main[1:])} >>' in start
     assert "--multihost" in main
     assert "setsid nohup" in start and "jaxdpdm-run/train.log" in start
@@ -114,26 +116,33 @@ def test_tpu_reuse_skips_creation_but_still_ships_and_starts(capsys):
 
 
 def test_tpu_queued_spot_creates_a_queued_resource_and_waits_for_it(capsys):
-    assert tpu_pod.main([*TPU_ARGS, "--queued", "--spot", "--accelerator-type=v5litepod-16",
-                         "--dry-run"]) == 0
+    assert tpu_pod.main(
+        [*TPU_ARGS, "--queued", "--spot", "--accelerator-type=v5litepod-16", "--dry-run"]) == 0
     out = capsys.readouterr().out
     commands = commands_of(out)
     create = commands[1]
     assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
-    assert {"--node-id=dpdm", "--accelerator-type=v5litepod-16",
-            "--runtime-version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+    assert {
+        "--node-id=dpdm", "--accelerator-type=v5litepod-16",
+        "--runtime-version=v2-alpha-tpuv5-lite", "--spot"
+    } <= set(create)
     assert commands[2][4] == "describe" and "--format=value(state.state)" in commands[2]
     assert "re-run until it prints ACTIVE" in out
     assert commands[4][3:5] == ["tpu-vm", "scp"]  # nodes are reached by their id, the same name
 
 
-@pytest.mark.parametrize("condition, expected", [
-    ("absent", ["create"]), ("ready", []), ("pending", ["describe"]),
-    ("dead", ["delete", "create"]), ("stopped", ["start"])])
+@pytest.mark.parametrize("condition, expected", [("absent", ["create"]), ("ready", []),
+                                                 ("pending", ["describe"]),
+                                                 ("dead", ["delete", "create"]),
+                                                 ("stopped", ["start"])])
 def test_tpu_launch_plan_provisions_by_condition(condition, expected):
     phases = tpu_pod.launch_plan(tpu_job(), condition)
-    provision = [c[4] for p in phases for c in p.commands if c[4] in
-                 ("create", "delete", "describe", "start")]
+    provision = [
+        c[4]
+        for p in phases
+        for c in p.commands
+        if c[4] in ("create", "delete", "describe", "start")
+    ]
     assert provision == expected
     verbs = [c[3] if c[0] == "git" else c[4] for c in phases[-3].commands + phases[-2].commands]
     assert verbs == ["archive", "scp", "ssh"]
@@ -141,10 +150,14 @@ def test_tpu_launch_plan_provisions_by_condition(condition, expected):
         assert "--quiet" in phases[0].commands[0]
 
 
-@pytest.mark.parametrize("state, queued, condition", [
-    ("READY", False, "ready"), ("PREEMPTED", False, "dead"), ("CREATING", False, "pending"),
-    ("STOPPED", False, "stopped"), ("ACTIVE", True, "ready"), ("SUSPENDED", True, "dead"),
-    ("WAITING_FOR_RESOURCES", True, "pending"), ("DELETING", False, None)])
+@pytest.mark.parametrize("state, queued, condition", [("READY", False, "ready"),
+                                                      ("PREEMPTED", False, "dead"),
+                                                      ("CREATING", False, "pending"),
+                                                      ("STOPPED", False, "stopped"),
+                                                      ("ACTIVE", True, "ready"),
+                                                      ("SUSPENDED", True, "dead"),
+                                                      ("WAITING_FOR_RESOURCES", True, "pending"),
+                                                      ("DELETING", False, None)])
 def test_tpu_classify_state(state, queued, condition):
     if condition is None:
         with pytest.raises(ValueError, match=state):
@@ -154,16 +167,21 @@ def test_tpu_classify_state(state, queued, condition):
 
 
 def test_tpu_collect_delete_logs_stop_commands(capsys):
-    assert tpu_pod.main(["collect", "--workdir=gs://bucket/run/", "--dest=out dir",
-                         "--skip-checkpoints", "--dry-run"]) == 0
-    assert commands_of(capsys.readouterr().out) == [
-        ["mkdir", "-p", "out dir"],
-        ["gcloud", "storage", "rsync", "gs://bucket/run/", "out dir", "--recursive",
-         "--exclude=^checkpoints/"]]
-    assert tpu_pod.main(["delete", "--name=dpdm", "--zone=z", "--queued", "--yes", "--dry-run"]) == 0
-    assert commands_of(capsys.readouterr().out) == [
-        ["gcloud", "compute", "tpus", "queued-resources", "delete", "dpdm", "--zone=z", "--force",
-         "--quiet"]]
+    assert tpu_pod.main([
+        "collect", "--workdir=gs://bucket/run/", "--dest=out dir", "--skip-checkpoints", "--dry-run"
+    ]) == 0
+    assert commands_of(capsys.readouterr().out) == [["mkdir", "-p", "out dir"],
+                                                    [
+                                                        "gcloud", "storage", "rsync",
+                                                        "gs://bucket/run/", "out dir",
+                                                        "--recursive", "--exclude=^checkpoints/"
+                                                    ]]
+    assert tpu_pod.main(["delete", "--name=dpdm", "--zone=z", "--queued", "--yes",
+                         "--dry-run"]) == 0
+    assert commands_of(capsys.readouterr().out) == [[
+        "gcloud", "compute", "tpus", "queued-resources", "delete", "dpdm", "--zone=z", "--force",
+        "--quiet"
+    ]]
     assert tpu_pod.main(["logs", "--name=dpdm", "--zone=z", "--lines=5", "--dry-run"]) == 0
     (logs,) = commands_of(capsys.readouterr().out)
     assert "--worker=0" in logs and remote_script(logs).startswith("tail -n 5 ")
@@ -203,7 +221,8 @@ def fake_cloud(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.jsonl"
-    fake_program(bin_dir / "gcloud", """
+    fake_program(
+        bin_dir / "gcloud", """
         open(os.environ["FAKE_LOG"], "a").write(json.dumps(["gcloud", *sys.argv[1:]]) + "\\n")
         if "describe" in sys.argv:
             state = os.environ.get("FAKE_TPU_STATE", "")
@@ -211,7 +230,8 @@ def fake_cloud(tmp_path, monkeypatch):
                 sys.exit(print("ERROR: NOT_FOUND: Resource was not found", file=sys.stderr) or 1)
             print(state)
     """)
-    fake_program(bin_dir / "git", """
+    fake_program(
+        bin_dir / "git", """
         open(os.environ["FAKE_LOG"], "a").write(json.dumps(["git", *sys.argv[1:]]) + "\\n")
         if "status" in sys.argv:
             print(os.environ.get("FAKE_GIT_STATUS", ""), end="")
@@ -235,11 +255,11 @@ def test_tpu_real_run_executes_the_dry_run_plan(fake_cloud, capsys):
     assert any("status" in c for c in fake_cloud())  # the uncommitted-changes check ran
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"FAKE_TPU_STATE": "READY"}, "already exists (state READY); pass --reuse"),
-    ({"FAKE_GIT_STATUS": " M jaxdpdm/train.py\n"}, "uncommitted changes")])
-def test_tpu_real_run_refuses_an_existing_tpu_or_a_dirty_tree(fake_cloud, monkeypatch, capsys,
-                                                             env, message):
+@pytest.mark.parametrize(
+    "env, message", [({"FAKE_TPU_STATE": "READY"}, "already exists (state READY); pass --reuse"),
+                     ({"FAKE_GIT_STATUS": " M jaxdpdm/train.py\n"}, "uncommitted changes")])
+def test_tpu_real_run_refuses_an_existing_tpu_or_a_dirty_tree(fake_cloud, monkeypatch, capsys, env,
+                                                              message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert tpu_pod.main(TPU_ARGS) == 1
@@ -257,7 +277,8 @@ def test_tpu_worker_scripts_install_start_keep_alive_log_and_stop(tmp_path):
     (tmp_path / "code/requirements-tpu.txt").write_text("jax[tpu]\n")
     with tarfile.open(home / tpu_pod.REMOTE_ARCHIVE, "w:gz") as archive:
         archive.add(tmp_path / "code/requirements-tpu.txt", arcname="requirements-tpu.txt")
-    fake_program(bin_dir / "python3", """
+    fake_program(
+        bin_dir / "python3", """
         home = os.environ["HOME"]
         if sys.argv[1] == "-c":  # the venv's version check
             sys.exit(0)
@@ -300,9 +321,9 @@ def test_tpu_worker_scripts_install_start_keep_alive_log_and_stop(tmp_path):
                 break
             time.sleep(0.05)
         record = json.loads((home / "main.json").read_text())
-        assert record["argv"] == common.main_command(
-            "python3", config=CONFIG, workdir="gs://bucket/run", multihost=True,
-            overrides=job.overrides)[1:]
+        assert record["argv"] == common.main_command("python3", config=CONFIG,
+                                                     workdir="gs://bucket/run", multihost=True,
+                                                     overrides=job.overrides)[1:]
         assert os.path.realpath(record["cwd"]) == os.path.realpath(home / "jaxdpdm")
         assert record["unbuffered"] == "1"
         assert (home / "jaxdpdm-run/run.pid").read_text().strip() == str(record["pid"])
@@ -333,8 +354,10 @@ def test_gpu_node_dry_run_sets_gpus_memory_and_tees_into_the_workdir(tmp_path):
     assert shlex.split(lines[0]) == ["mkdir", "-p", f"{tmp_path}/run/logs"]
     command, tee = lines[1].split(" 2>&1 | ")
     argv = shlex.split(command)
-    assert argv[:4] == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "PYTHONUNBUFFERED=1",
-                        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"]
+    assert argv[:4] == [
+        "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "PYTHONUNBUFFERED=1",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
+    ]
     assert argv[4:] == common.main_command(argv[4], config=CONFIG, workdir=f"{tmp_path}/run",
                                            overrides=[TRICKY])
     assert "--multihost" not in argv
@@ -344,16 +367,20 @@ def test_gpu_node_dry_run_sets_gpus_memory_and_tees_into_the_workdir(tmp_path):
 
 def test_gpu_node_memory_choices():
     assert gpu_node.gpu_env(gpus=None, mem_fraction=0.5, preallocate=True) == {
-        "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+        "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"
+    }
     assert gpu_node.gpu_env(gpus="1", mem_fraction=0.9, preallocate=False) == {
         "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1",
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"
+    }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gpus=0,a"], "GPU indices"), (["--gpus=0,0"], "twice"), (["--mem-fraction=1.5"], "(0, 1]"),
-    (["--workdir=gs://b/r"], "filesystem"), (["--", "--multihost"], "set by the launcher"),
-    (["--mem-fraction=0.5", "--no-preallocate"], "not allowed with")])
+@pytest.mark.parametrize("args, message",
+                         [(["--gpus=0,a"], "GPU indices"), (["--gpus=0,0"], "twice"),
+                          (["--mem-fraction=1.5"], "(0, 1]"),
+                          (["--workdir=gs://b/r"], "filesystem"),
+                          (["--", "--multihost"], "set by the launcher"),
+                          (["--mem-fraction=0.5", "--no-preallocate"], "not allowed with")])
 def test_gpu_node_bad_arguments_exit_2(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         gpu_node.main([f"--config={CONFIG}", "--workdir=w", "--dry-run", *args])
@@ -363,7 +390,8 @@ def test_gpu_node_bad_arguments_exit_2(capsys, args, message):
 
 def test_gpu_node_runs_the_command_and_appends_its_output_to_the_log(tmp_path, capsys):
     python = tmp_path / "python"
-    fake_program(python, """
+    fake_program(
+        python, """
         keys = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "PYTHONUNBUFFERED")
         print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
                           "env": {k: os.environ.get(k) for k in keys}}))
@@ -371,25 +399,30 @@ def test_gpu_node_runs_the_command_and_appends_its_output_to_the_log(tmp_path, c
         sys.exit(3)
     """)
     workdir = tmp_path / "run"
-    args = [f"--config={CONFIG}", f"--workdir={workdir}", "--gpus=2,3", "--no-preallocate",
-            f"--python={python}", "--mode=sample", "--", TRICKY]
+    args = [
+        f"--config={CONFIG}", f"--workdir={workdir}", "--gpus=2,3", "--no-preallocate",
+        f"--python={python}", "--mode=sample", "--", TRICKY
+    ]
     for attempt in (1, 2):
         assert gpu_node.main(args) == 3
     record = json.loads(capsys.readouterr().out.splitlines()[0])
     assert record["argv"] == common.main_command("x", config=CONFIG, workdir=str(workdir),
                                                  mode="sample", overrides=[TRICKY])[1:]
     assert record["cwd"] == str(REPO)
-    assert record["env"] == {"CUDA_VISIBLE_DEVICES": "2,3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                             "PYTHONUNBUFFERED": "1"}
+    assert record["env"] == {
+        "CUDA_VISIBLE_DEVICES": "2,3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "PYTHONUNBUFFERED": "1"
+    }
     log = (workdir / "logs/gpu_node.log").read_text()
     assert log.count("oops") == 2 and log.count("=== exit status 3") == 2  # appended, not replaced
 
 
 # ---------------------------------------------------------------- SLURM
 
-SLURM_ARGS = ["--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--time=1-00:00:00",
-              f"--config={CONFIG}", "--workdir=/shared/runs/cifar", "--account=proj",
-              "--python=/shared/venv/bin/python"]
+SLURM_ARGS = [
+    "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--time=1-00:00:00", f"--config={CONFIG}",
+    "--workdir=/shared/runs/cifar", "--account=proj", "--python=/shared/venv/bin/python"
+]
 
 
 def test_slurm_dry_run_prints_the_sbatch_script():
@@ -397,18 +430,22 @@ def test_slurm_dry_run_prints_the_sbatch_script():
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert script.startswith("#!/bin/bash\n")
-    directives = [line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")]
+    directives = [
+        line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")
+    ]
     assert set(directives) >= {
         "--job-name=jaxdpdm-cifar", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
         "--partition=gpu", "--time=1-00:00:00", "--account=proj", "--requeue",
-        "--signal=B:USR1@120", "--output=/shared/runs/cifar/slurm/%x-%j.out",
-        "--open-mode=append", "--dependency=singleton"}
+        "--signal=B:USR1@120", "--output=/shared/runs/cifar/slurm/%x-%j.out", "--open-mode=append",
+        "--dependency=singleton"
+    }
     (srun_line,) = [line for line in script.splitlines() if line.startswith("srun ")]
     assert srun_line.endswith(" &")
     assert shlex.split(srun_line[:-2]) == [
         "srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-        *common.main_command("/shared/venv/bin/python", config=CONFIG,
-                             workdir="/shared/runs/cifar", multihost=True, overrides=[TRICKY])]
+        *common.main_command("/shared/venv/bin/python", config=CONFIG, workdir="/shared/runs/cifar",
+                             multihost=True, overrides=[TRICKY])
+    ]
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script
     assert "trap requeue_before_time_limit USR1" in script
     assert "sbatch /shared/runs/cifar/slurm/jaxdpdm-cifar.sbatch" in result.stderr
@@ -422,17 +459,19 @@ def test_slurm_gres_directive_for_older_clusters():
     assert "#SBATCH --gres=gpu:4\n" in script and "--gpus-per-node" not in script
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-12", 129600), ("1-0:30", 88200),
-    ("2-01:02:03", 176523), ("UNLIMITED", None)])
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200),
+                                           ("1-12", 129600), ("1-0:30", 88200),
+                                           ("2-01:02:03", 176523), ("UNLIMITED", None)])
 def test_slurm_time_limits(text, seconds):
     assert slurm.time_limit_seconds(text) == seconds
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--time=soon"], "not a SLURM time limit"), (["--time=1"], "shorter than --time"),
-    (["--nodes=0"], "at least 1"), (["--workdir=gs://b/r"], "filesystem"),
-    (["--sbatch-arg=exclusive"], "sbatch option"), (["--", "--mode=sample"], "set by the launcher")])
+@pytest.mark.parametrize("args, message", [(["--time=soon"], "not a SLURM time limit"),
+                                           (["--time=1"], "shorter than --time"),
+                                           (["--nodes=0"], "at least 1"),
+                                           (["--workdir=gs://b/r"], "filesystem"),
+                                           (["--sbatch-arg=exclusive"], "sbatch option"),
+                                           (["--", "--mode=sample"], "set by the launcher")])
 def test_slurm_bad_arguments_exit_2(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         slurm.main([*SLURM_ARGS, "--dry-run", *args])
@@ -441,7 +480,8 @@ def test_slurm_bad_arguments_exit_2(capsys, args, message):
 
 
 def test_slurm_writes_and_submits(tmp_path, monkeypatch, capsys):
-    fake_program(tmp_path / "sbatch", """
+    fake_program(
+        tmp_path / "sbatch", """
         open(os.environ["FAKE_LOG"], "a").write(json.dumps(sys.argv[1:]) + "\\n")
         print("Submitted batch job 42")
     """)
@@ -460,22 +500,25 @@ def test_slurm_writes_and_submits(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("restarts, requeued", [(0, True), (20, False)])
 def test_slurm_script_runs_srun_and_requeues_on_usr1(tmp_path, restarts, requeued):
     """Runs the generated script with fake srun/scontrol; USR1 (the time-limit warning) requeues."""
-    fake_program(tmp_path / "srun", """
+    fake_program(
+        tmp_path / "srun", """
         record = {"argv": sys.argv[1:], "pid": os.getpid(),
                   "local_ids": os.environ.get("JAX_LOCAL_DEVICE_IDS")}
         json.dump(record, open(os.environ["FAKE_DIR"] + "/srun.tmp", "w"))
         os.replace(os.environ["FAKE_DIR"] + "/srun.tmp", os.environ["FAKE_DIR"] + "/srun.json")
         time.sleep(30)
     """)
-    fake_program(tmp_path / "scontrol", """
+    fake_program(
+        tmp_path / "scontrol", """
         open(os.environ["FAKE_DIR"] + "/scontrol.json", "w").write(json.dumps(sys.argv[1:]))
     """)
     job = slurm.SlurmJob(config=CONFIG, workdir=str(tmp_path / "run"), nodes=2, gpus_per_node=4,
-                         time="10:00", job_name="t", python="/venv/bin/python",
-                         overrides=(TRICKY,))
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node[1-2]",
-           "SLURM_RESTART_COUNT": str(restarts)}
+                         time="10:00", job_name="t", python="/venv/bin/python", overrides=(TRICKY,))
+    env = {
+        **os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_RESTART_COUNT": str(restarts)
+    }
     batch = subprocess.Popen(["bash", "-c", slurm.sbatch_script(job)], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     record = None

@@ -58,8 +58,8 @@ def test_dpdm_cnn_layers_and_parameter_count(image_shape, flat):
     assert params["Conv_2"]["kernel"].shape == (3, 3, 64, 128)
     assert params["Dense_0"]["kernel"].shape == (flat, 128)
     assert params["Dense_1"]["kernel"].shape == (128, 10)
-    expected = ((9 * channels + 1) * 32 + (9 * 32 + 1) * 64 + (9 * 64 + 1) * 128
-                + (flat + 1) * 128 + (128 + 1) * 10)
+    expected = ((9 * channels + 1) * 32 + (9 * 32 + 1) * 64 + (9 * 64 + 1) * 128 +
+                (flat + 1) * 128 + (128 + 1) * 10)
     assert count_parameters(module, image_shape) == expected
 
 
@@ -72,8 +72,8 @@ def test_dpdm_cnn_dropout_only_in_training():
     @jax.jit
     def run(params):
         evaluate = lambda: module.apply({"params": params}, images, train=False)
-        train = lambda k: module.apply({"params": params}, images, train=True,
-                                       rngs={"dropout": jax.random.key(k)})
+        train = lambda k: module.apply({"params": params}, images, train=True, rngs=
+                                       {"dropout": jax.random.key(k)})
         return evaluate(), evaluate(), train(1), train(2)
 
     eval_a, eval_b, train_a, train_b = run(params)

@@ -50,9 +50,8 @@ def test_timestep_embedding_shape_and_values():
     np.testing.assert_allclose(np.asarray(emb[0]), np.r_[np.ones(8), np.zeros(8)], atol=1e-7)
     assert timestep_embedding(jnp.array([0.5, 2.25]), 7).shape == (2, 7)  # odd width, real t
     # Distinct timesteps get distinct embeddings.
-    assert (
-        float(jnp.min(jnp.linalg.norm(emb[:, None] - emb[None], axis=-1) + 10 * jnp.eye(3))) > 0.1
-    )
+    assert (float(jnp.min(jnp.linalg.norm(emb[:, None] - emb[None], axis=-1) + 10 * jnp.eye(3)))
+            > 0.1)
     with pytest.raises(ValueError):
         timestep_embedding(jnp.zeros((2, 2)), 8)
 
@@ -94,8 +93,10 @@ def test_patch_matmul_conv_has_xla_values_and_gradients(kernel_size, strides):
     padding = (kernel_size - 1) // 2
 
     def grads(conv):
+
         def loss(w, xe):
             return jnp.sum(jnp.sin(conv(xe, w, strides, padding)))
+
         per_example = jax.vmap(jax.grad(loss, argnums=(0, 1)), (None, 0))(kernel, x)
         batched = jax.grad(loss, argnums=(0, 1))(kernel, x.reshape((6, 6, 6, 4)))
         return conv(x[0], kernel, strides, padding), per_example, batched
@@ -108,8 +109,10 @@ def test_patch_matmul_conv_has_xla_values_and_gradients(kernel_size, strides):
 
 def test_conv_impls_share_parameters_and_reject_unknown_impl():
     x = jnp.ones((2, 8, 8, 3))
-    shapes = [jax.tree.map(jnp.shape, Conv(4, impl=impl).init(jax.random.key(0), x))
-              for impl in CONV_IMPLS]
+    shapes = [
+        jax.tree.map(jnp.shape,
+                     Conv(4, impl=impl).init(jax.random.key(0), x)) for impl in CONV_IMPLS
+    ]
     assert all(s == shapes[0] for s in shapes)
     assert shapes[0] == {"params": {"kernel": (3, 3, 3, 4), "bias": (4,)}}
     with pytest.raises(ValueError, match="conv impl"):

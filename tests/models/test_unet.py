@@ -78,9 +78,8 @@ train_apply = jax.jit(make_apply_fn(TINY, train=True))
 NO_DROPOUT_KEY = jax.random.key(0)
 
 
-@pytest.mark.parametrize(
-    "name,expected", [("tiny", 49_043), ("cpu_small", 439_505), ("paper_cifar", 89_110_083)]
-)
+@pytest.mark.parametrize("name,expected", [("tiny", 49_043), ("cpu_small", 439_505),
+                                           ("paper_cifar", 89_110_083)])
 def test_preset_parameter_counts(name, expected):
     assert count_parameters(unet_preset(name)) == expected
 
@@ -117,15 +116,13 @@ def test_initialised_params_count_dtype_and_zero_init(initial_params, inputs):
 
 
 def _output_struct(config, batch=2):
-    x = jax.ShapeDtypeStruct(
-        (batch, config.image_size, config.image_size, config.in_channels), jnp.float32
-    )
+    x = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, config.in_channels),
+                             jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
     y = None if config.num_classes is None else jax.ShapeDtypeStruct((batch,), jnp.int32)
     model = UNet(config)
     out, variables = jax.eval_shape(
-        lambda x, t, y: model.init_with_output(jax.random.key(0), x, t, y, train=False), x, t, y
-    )
+        lambda x, t, y: model.init_with_output(jax.random.key(0), x, t, y, train=False), x, t, y)
     return out, variables
 
 
@@ -133,9 +130,8 @@ def _output_struct(config, batch=2):
     "overrides",
     [
         dict(image_size=28, channel_mult=(1, 2, 2), attention_resolutions=(14, 7)),
-        dict(
-            image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(4,), resblock_updown=True
-        ),
+        dict(image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(4,),
+             resblock_updown=True),
         dict(
             image_size=32,
             channel_mult=(1, 2, 2, 2),
