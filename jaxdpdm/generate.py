@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from jaxdpdm import parallel, sampling, storage
+from jaxdpdm import export, parallel, sampling, storage
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir
 from jaxdpdm.config import validate_config
 from jaxdpdm.dp.report import PRIVACY_JSON
@@ -163,9 +163,9 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
         f"({summary.num_generated} chunks generated, {summary.num_reused} reused); "
         f"grid: {summary.grid_path}", flush=True)
     if s.image_folder:
-        count = sampling.export_image_folder(workdir, s.image_folder, u.num_classes or 1)
+        count = export.export_image_folder(workdir, s.image_folder, u.num_classes or 1)
         print(f"[sample] wrote {count} PNGs to {s.image_folder}/<class>/", flush=True)
     if s.npz_file:
-        count = sampling.export_npz(workdir, s.npz_file, _provenance(config, workdir, meta))
+        count = export.export_npz(workdir, s.npz_file, _provenance(config, workdir, meta))
         print(f"[sample] wrote {count} samples to {s.npz_file}", flush=True)
     return summary

@@ -1,0 +1,93 @@
+"""Exporting the samples of `WORKDIR/samples/` for use outside jaxdpdm.
+
+Two formats, both written by `--mode=sample` when configured (`sample.npz_file`,
+`sample.image_folder`): one compressed `.npz` (the layout the "npz" dataset source reads) and an
+image folder of PNGs (the layout the "image_folder" source and torchvision's `ImageFolder` read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from jaxdpdm.sampling import load_samples
+
+EXPORT_MARKER = ".jaxdpdm_export.json"
+
+
+def export_npz(out_dir: str | os.PathLike, path: str | os.PathLike,
+               provenance: dict | None = None) -> int:
+    """Writes the samples of `out_dir/samples/` to one compressed `.npz`; returns their number.
+
+    The file holds `images` uint8 `[N, H, W, C]` and `labels` int32 `[N]` (the layout the "npz"
+    dataset source reads, so the file can be re-evaluated or trained on as it is), and
+    `provenance`, a JSON string (e.g. the checkpoint step and the privacy guarantee of the model
+    that drew them). It is written to a temporary name and renamed, so a crash leaves either the
+    old file or the new one.
+    """
+    images, labels = load_samples(out_dir)
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not path.endswith(".npz"):
+        raise ValueError(f"sample.npz_file must end in .npz, got {path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez_compressed(tmp, images=images, labels=labels.astype(np.int32),
+                            provenance=np.array(json.dumps(provenance or {}, sort_keys=True)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return int(len(images))
+
+
+def export_image_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
+                        num_classes: int) -> int:
+    """Writes the samples of `out_dir/samples/` as PNGs in an image folder; returns their number.
+
+    The layout is the one `jaxdpdm.data.folder` (and e.g. torchvision's `ImageFolder`) reads:
+    `folder/<label>/<sample index>.png`, class folders named by the zero-padded label so that
+    their sorted order gives back the labels, files numbered by sample index. Grayscale samples
+    are 8-bit grayscale PNGs, RGB samples RGB PNGs: reading them back at the same size and
+    channel count gives exactly the sampled pixels. A hidden marker file records the export; a
+    folder that holds one (an earlier export) is emptied and rewritten, any other non-empty
+    folder is refused, so nothing of the user's is ever deleted.
+
+    Raises:
+      ValueError: `folder` is not empty and was not written here, or a class has no sample
+        (the loader would renumber the classes after it).
+    """
+    folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    images, labels = load_samples(out_dir)
+    missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+    if missing:
+        raise ValueError(f"the samples hold no image of class(es) {missing[:5]}: an image folder "
+                         "needs every class; sample at least one image per class")
+    marker = os.path.join(folder, EXPORT_MARKER)
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not os.path.exists(marker):
+            raise ValueError(f"{folder} is not empty and holds no earlier jaxdpdm export; give "
+                             "a new or empty folder")
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(
+            {
+                "samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
+                "num_images": int(len(images)), "num_classes": int(num_classes)
+            }, f)
+    class_width = len(str(max(num_classes - 1, 0)))
+    index_width = max(5, len(str(len(images) - 1)))
+    for label in range(num_classes):
+        os.makedirs(os.path.join(folder, f"{label:0{class_width}d}"), exist_ok=True)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        Image.fromarray(pixels).save(
+            os.path.join(folder, f"{int(label):0{class_width}d}", f"{index:0{index_width}d}.png"))
+    return int(len(images))
