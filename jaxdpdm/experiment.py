@@ -1,8 +1,8 @@
 """Builds the pieces of a run (data, UNet, schedule, loss) from a config, for every mode.
 
 This is the one place where the ml_collections config is turned into the typed objects that the
-library modules take (`DataSpec`, `UNetConfig`, `Schedule`, `TimestepDistribution`), so models and
-the DP engine never see the config.
+library modules take (`DataSpec`, `UNetConfig`, `Schedule`, `TimestepDistribution`, the privacy
+report's `RunSettings`), so models and the DP engine never see the config.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxdpdm import diffusion, sampling
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.dp.report import RunSettings
 from jaxdpdm.images import to_model_range
 from jaxdpdm.models import unet
 from jaxdpdm.models.unet import UNetConfig
@@ -152,6 +153,13 @@ def timestep_distribution(config) -> diffusion.TimestepDistribution:
     return diffusion.TimestepDistribution(
         ranges=tuple((int(lo), int(hi)) for lo, hi in d.timestep_ranges),
         weights=tuple(float(w) for w in d.timestep_weights))
+
+
+def report_settings(config) -> RunSettings:
+    """The settings of a DP run that `dp.report.privacy_report` states."""
+    return RunSettings(expected_batch_size=config.train.batch_size, clip_norm=config.dp.clip_norm,
+                       augmult=config.diffusion.augmult, trainable_pattern=config.dp.trainable,
+                       init_from=config.init_from)
 
 
 def build_experiment(config, dataset: ImageDataset | None = None, *,
