@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from typing import Any
 
 import jax
@@ -26,6 +27,9 @@ from jaxdpdm.models.unet import UNetConfig
 _EXAMPLE_STREAM = 0x7FFF_0001
 _SAMPLE_STREAM = 0x7FFF_0002
 _INIT_STREAM = 0x7FFF_0003
+
+# Data sources without named splits: their real test set is a separate folder or file.
+SPLITLESS_SOURCES = ("image_folder", "npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,39 @@ def data_spec(config, split: str | None = None) -> DataSpec:
     if fields.get("classes") is not None:
         fields["classes"] = tuple(fields["classes"])
     return DataSpec.from_dict(fields)
+
+
+def real_test_spec(config) -> DataSpec:
+    """The DataSpec of the real test set that `--mode=evaluate` scores against.
+
+    `data.test_split` of the training source, taken whole; for a source without splits
+    (`SPLITLESS_SOURCES`), the folder or file `data.test_dir`.
+
+    Raises:
+      ValueError: no held-out test set is configured, or the one configured is the training
+        data.
+    """
+    d = config.data
+    if d.name in SPLITLESS_SOURCES:
+        if d.test_dir is None:
+            like = ("a folder laid out like"
+                    if d.name == "image_folder" else "an npz file or folder like")
+            raise ValueError(
+                f"dataset {d.name!r} has no splits, so --mode=evaluate needs a real test set held "
+                f"out from training: set data.test_dir to {like} data.data_dir ({d.data_dir}, "
+                "the training data)")
+        if os.path.realpath(d.test_dir) == os.path.realpath(d.data_dir):
+            raise ValueError(f"data.test_dir is the training data ({d.data_dir}); the real test "
+                             "set must be held out from training")
+        return dataclasses.replace(data_spec(config), data_dir=d.test_dir, subset="all",
+                                   public_fraction=0.0, max_examples=None, skip_corrupt=False)
+    if d.test_dir is not None:
+        raise ValueError(f"data.test_dir only applies to {' and '.join(SPLITLESS_SOURCES)} "
+                         f"datasets; {d.name!r} has splits: set data.test_split instead")
+    if d.test_split == d.split:
+        raise ValueError(f"data.test_split={d.test_split!r} is the training split; the real "
+                         "test set must be held out from training (e.g. 'test')")
+    return data_spec(config, split=d.test_split)
 
 
 def unet_config(config, num_classes: int) -> UNetConfig:
