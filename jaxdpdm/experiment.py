@@ -1,14 +1,15 @@
 """Builds the pieces of a run (data, UNet, schedule, loss) from a config, for every mode.
 
 This is the one place where the ml_collections config is turned into the typed objects that the
-library modules take (`DataSpec`, `UNetConfig`, `Schedule`, `TimestepDistribution`), so models and
-the DP engine never see the config.
+library modules take (`DataSpec`, `UNetConfig`, `Schedule`, `TimestepDistribution`, the privacy
+report's `RunSettings`), so models and the DP engine never see the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 
 from jaxdpdm import diffusion, sampling
 from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.dp.report import RunSettings
 from jaxdpdm.images import to_model_range
 from jaxdpdm.models import unet
 from jaxdpdm.models.unet import UNetConfig
@@ -25,6 +27,9 @@ from jaxdpdm.models.unet import UNetConfig
 _EXAMPLE_STREAM = 0x7FFF_0001
 _SAMPLE_STREAM = 0x7FFF_0002
 _INIT_STREAM = 0x7FFF_0003
+
+# Data sources without named splits: their real test set is a separate folder or file.
+SPLITLESS_SOURCES = ("image_folder", "npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +129,39 @@ def data_spec(config, split: str | None = None) -> DataSpec:
     return DataSpec.from_dict(fields)
 
 
+def real_test_spec(config) -> DataSpec:
+    """The DataSpec of the real test set that `--mode=evaluate` scores against.
+
+    `data.test_split` of the training source, taken whole; for a source without splits
+    (`SPLITLESS_SOURCES`), the folder or file `data.test_dir`.
+
+    Raises:
+      ValueError: no held-out test set is configured, or the one configured is the training
+        data.
+    """
+    d = config.data
+    if d.name in SPLITLESS_SOURCES:
+        if d.test_dir is None:
+            like = ("a folder laid out like"
+                    if d.name == "image_folder" else "an npz file or folder like")
+            raise ValueError(
+                f"dataset {d.name!r} has no splits, so --mode=evaluate needs a real test set held "
+                f"out from training: set data.test_dir to {like} data.data_dir ({d.data_dir}, "
+                "the training data)")
+        if os.path.realpath(d.test_dir) == os.path.realpath(d.data_dir):
+            raise ValueError(f"data.test_dir is the training data ({d.data_dir}); the real test "
+                             "set must be held out from training")
+        return dataclasses.replace(data_spec(config), data_dir=d.test_dir, subset="all",
+                                   public_fraction=0.0, max_examples=None, skip_corrupt=False)
+    if d.test_dir is not None:
+        raise ValueError(f"data.test_dir only applies to {' and '.join(SPLITLESS_SOURCES)} "
+                         f"datasets; {d.name!r} has splits: set data.test_split instead")
+    if d.test_split == d.split:
+        raise ValueError(f"data.test_split={d.test_split!r} is the training split; the real "
+                         "test set must be held out from training (e.g. 'test')")
+    return data_spec(config, split=d.test_split)
+
+
 def unet_config(config, num_classes: int) -> UNetConfig:
     """The UNet of `config.model` for images of `config.data` with `num_classes` classes.
 
@@ -152,6 +190,13 @@ def timestep_distribution(config) -> diffusion.TimestepDistribution:
     return diffusion.TimestepDistribution(
         ranges=tuple((int(lo), int(hi)) for lo, hi in d.timestep_ranges),
         weights=tuple(float(w) for w in d.timestep_weights))
+
+
+def report_settings(config) -> RunSettings:
+    """The settings of a DP run that `dp.report.privacy_report` states."""
+    return RunSettings(expected_batch_size=config.train.batch_size, clip_norm=config.dp.clip_norm,
+                       augmult=config.diffusion.augmult, trainable_pattern=config.dp.trainable,
+                       init_from=config.init_from)
 
 
 def build_experiment(config, dataset: ImageDataset | None = None, *,

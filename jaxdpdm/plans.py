@@ -29,6 +29,7 @@ import optax
 from jaxdpdm import parallel, phases
 from jaxdpdm.dp import accounting, batching, dp_aggregate, trainable_mask
 from jaxdpdm.dp.report import privacy_report, write_privacy_report
+from jaxdpdm.experiment import report_settings
 from jaxdpdm.models import count_params
 
 log = logging.getLogger(__name__)
@@ -205,9 +206,10 @@ class DPPlan:
     def finish(self, params, *, stopped_by_budget: bool, earlier_releases: list[dict], workdir: str,
                is_lead: bool) -> dict[str, Any]:
         """The privacy report of the run (written to `workdir` by the lead process)."""
-        report = privacy_report(self.ledger, config=self.config, num_examples=len(self.exp.dataset),
-                                num_params=count_params(params), num_trainable=count_params(
-                                    params, self.mask), dataset=self.exp.dataset.summary(),
+        report = privacy_report(self.ledger, settings=report_settings(self.config),
+                                num_examples=len(self.exp.dataset), num_params=count_params(params),
+                                num_trainable=count_params(params, self.mask),
+                                dataset=self.exp.dataset.summary(),
                                 stopped_by_budget=stopped_by_budget, calibrated=self.calibrated,
                                 seed_fixed=self.seed_fixed, earlier_releases=earlier_releases,
                                 initial_model=phases.describe_initial_model(self.config.init_from))

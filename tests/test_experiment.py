@@ -206,3 +206,33 @@ def test_the_test_split_is_taken_whole(tiny_config):
     assert (spec.split, spec.subset, spec.public_fraction, spec.max_examples) == ("test", "all",
                                                                                   0.0, None)
     assert experiment.data_spec(config).subset == "private"
+
+
+# --- real_test_spec --------------------------------------------------------------------------------
+
+
+def test_image_folder_needs_a_separate_test_folder(tiny_config, tmp_path):
+    config = tiny_config()
+    train_dir = str(tmp_path / "train")
+    config.data.name, config.data.image_size, config.data.data_dir = "image_folder", 8, train_dir
+    with pytest.raises(ValueError, match="set data.test_dir"):
+        experiment.real_test_spec(config)
+    # test_split=train used to evaluate on the training images under the "real test set" label
+    config.data.test_dir = str(tmp_path / "train" / ".")
+    with pytest.raises(ValueError, match="the training data"):
+        experiment.real_test_spec(config)
+    config.data.test_dir = str(tmp_path / "test")
+    spec = experiment.real_test_spec(config)
+    assert spec.data_dir == str(tmp_path / "test") and spec.name == "image_folder"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.test_split", "train", "is the training split"),
+    ("data.test_dir", "/some/folder", "data.test_split instead"),
+])
+def test_split_datasets_refuse_the_training_split(tiny_config, field, value, message):
+    config = tiny_config()  # digits, split "train"
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        experiment.real_test_spec(config)

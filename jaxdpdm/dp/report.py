@@ -3,11 +3,13 @@
 `privacy_report.json` is the machine-readable record; `privacy_report.txt` says the same in words.
 The guarantee is recomputed from the `accounting.PrivacyLedger`; the release traces of a workdir
 (`release_traces`, `archive_earlier_reports`) let a restarted run report what was released
-before it.
+before it. The run's settings come as a `RunSettings` (`experiment.report_settings` builds it
+from the config): this module never reads the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
@@ -24,8 +26,26 @@ _EARLIER = re.compile(r"privacy_report\.earlier-(\d+)\.json$")
 _RELEASE_TRACE = re.compile(r"(privacy_report.*\.(json|txt)|grid_.*\.png|samples.*|eval)$")
 
 
-def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_trainable: int,
-                   dataset: str, stopped_by_budget: bool, calibrated: bool,
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The settings of a DP run that its report states besides the ledger.
+
+    Attributes:
+      expected_batch_size: q * N, the public constant the noisy sum is divided by.
+      clip_norm: C, the bound on each example's gradient norm.
+      augmult: K, the noise draws averaged inside each example's loss.
+      trainable_pattern: the regex naming the trained parameters, or None (all of them).
+      init_from: the workdir of the initial model, or None (trained from scratch).
+    """
+    expected_batch_size: int
+    clip_norm: float
+    augmult: int
+    trainable_pattern: str | None
+    init_from: str | None
+
+
+def privacy_report(ledger, *, settings: RunSettings, num_examples: int, num_params: int,
+                   num_trainable: int, dataset: str, stopped_by_budget: bool, calibrated: bool,
                    seed_fixed: bool | None = False, earlier_releases: list[dict] | None = None,
                    initial_model: dict | None = None) -> dict[str, Any]:
     """Collects the guarantee of a finished (or stopped) DP run.
@@ -34,6 +54,7 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
     is the one whose budget was enforced.
 
     Args:
+      settings: the run's batch size, clip norm, K, trainable pattern and initial model.
       seed_fixed: whether the config fixed the seed (then anyone with the config can recompute
         the noise); None when an old checkpoint did not record it.
       earlier_releases: earlier DP runs of this workdir (`archive_earlier_reports`); their
@@ -61,18 +82,18 @@ def privacy_report(ledger, *, config, num_examples: int, num_params: int, num_tr
             "noise_multiplier_calibrated": calibrated,
             "sampling_rate": history_value(history, "sampling_rate"),
             "steps": ledger.total_steps,
-            "expected_batch_size": config.train.batch_size,
+            "expected_batch_size": settings.expected_batch_size,
             "num_examples": num_examples,
-            "clip_norm": config.dp.clip_norm,
-            "augmult": config.diffusion.augmult,
+            "clip_norm": settings.clip_norm,
+            "augmult": settings.augmult,
             "history": history,
         },
         "training": {
             "dataset": dataset,
             "num_params": num_params,
             "num_trainable_params": num_trainable,
-            "trainable_pattern": config.dp.trainable,
-            "init_from": config.init_from,
+            "trainable_pattern": settings.trainable_pattern,
+            "init_from": settings.init_from,
             "stopped_by_budget": stopped_by_budget,
         },
         "protected": f"each of the {num_examples} training examples of this run: {dataset}",

@@ -159,7 +159,7 @@ def fit_for_config(config, test_set=None, *,
 
     Args:
       test_set: the real test `ImageDataset` that scores it; default: the one `--mode=evaluate`
-        uses (`evaluation.run.real_test_spec`), or none for a splitless dataset without
+        uses (`experiment.real_test_spec`), or none for a splitless dataset without
         `data.test_dir` (the report then has no real test accuracy).
 
     Returns:
@@ -167,8 +167,7 @@ def fit_for_config(config, test_set=None, *,
     """
     from jaxdpdm.data import load_dataset
     from jaxdpdm.evaluation.classifier_training import RECIPES
-    from jaxdpdm.evaluation.run import SPLITLESS_SOURCES, real_test_spec
-    from jaxdpdm.experiment import data_spec
+    from jaxdpdm.experiment import SPLITLESS_SOURCES, data_spec, real_test_spec
 
     spec = data_spec(config)
     train = load_dataset(dataclasses.replace(spec, subset="all", public_fraction=0.0))

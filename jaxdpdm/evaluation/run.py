@@ -27,7 +27,8 @@ guarantee from `privacy_report.json`. The workdir must be local (copy a `gs://` 
 first, e.g. with `launch/tpu_pod.py collect`).
 
 The real test set is `data.test_split` of the training source, or, for sources without splits
-(image_folder, npz), the folder or file `data.test_dir`; the training data itself is refused.
+(image_folder, npz), the folder or file `data.test_dir`; the training data itself is refused
+(`experiment.real_test_spec`).
 The samples must come from the checkpoint the privacy report describes (`samples/meta.json`
 records their step): otherwise the run is refused, since the epsilon printed would belong to
 another model.
@@ -48,15 +49,14 @@ import numpy as np
 from jaxdpdm import sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
-from jaxdpdm.data import DataSpec, ImageDataset, load_dataset
+from jaxdpdm.data import ImageDataset, load_dataset
 from jaxdpdm.evaluation import (classifier_training, downstream, fid, inception, inception_weights,
                                 label_consistency)
 from jaxdpdm import storage
 from jaxdpdm.dp.report import PRIVACY_JSON
-from jaxdpdm.experiment import data_spec
+from jaxdpdm.experiment import data_spec, real_test_spec
 
 EVAL_SUBDIR = "eval"
-SPLITLESS_SOURCES = ("image_folder", "npz")
 
 log = logging.getLogger(__name__)
 
@@ -146,36 +146,6 @@ def public_images(config, train: ImageDataset) -> ImageDataset | None:
     if spec.subset == "public":
         return train
     return load_dataset(dataclasses.replace(spec, subset="public"))
-
-
-def real_test_spec(config) -> DataSpec:
-    """The DataSpec of the real test set (see the module docstring).
-
-    Raises:
-      ValueError: no held-out test set is configured, or the one configured is the training
-        data.
-    """
-    d = config.data
-    if d.name in SPLITLESS_SOURCES:
-        if d.test_dir is None:
-            like = ("a folder laid out like"
-                    if d.name == "image_folder" else "an npz file or folder like")
-            raise ValueError(
-                f"dataset {d.name!r} has no splits, so --mode=evaluate needs a real test set held "
-                f"out from training: set data.test_dir to {like} data.data_dir ({d.data_dir}, "
-                "the training data)")
-        if os.path.realpath(d.test_dir) == os.path.realpath(d.data_dir):
-            raise ValueError(f"data.test_dir is the training data ({d.data_dir}); the real test "
-                             "set must be held out from training")
-        return dataclasses.replace(data_spec(config), data_dir=d.test_dir, subset="all",
-                                   public_fraction=0.0, max_examples=None, skip_corrupt=False)
-    if d.test_dir is not None:
-        raise ValueError(f"data.test_dir only applies to {' and '.join(SPLITLESS_SOURCES)} "
-                         f"datasets; {d.name!r} has splits: set data.test_split instead")
-    if d.test_split == d.split:
-        raise ValueError(f"data.test_split={d.test_split!r} is the training split; the real "
-                         "test set must be held out from training (e.g. 'test')")
-    return data_spec(config, split=d.test_split)
 
 
 def shared_images(train: np.ndarray, test: np.ndarray) -> int:

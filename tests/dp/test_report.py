@@ -8,6 +8,7 @@ import pytest
 from jaxdpdm.config import get_config
 from jaxdpdm.dp.accounting import PrivacyLedger
 from jaxdpdm.dp import report as report_lib
+from jaxdpdm.experiment import report_settings
 
 NUM_EXAMPLES = 1000
 
@@ -30,11 +31,66 @@ def _config(**dp):
 
 
 def _report(ledger, config=None, **overrides):
-    kwargs = dict(config=config or _config(), num_examples=NUM_EXAMPLES, num_params=12345,
-                  num_trainable=2345, dataset="digits train: 1000 images 8x8x1",
+    kwargs = dict(settings=report_settings(config or _config()), num_examples=NUM_EXAMPLES,
+                  num_params=12345, num_trainable=2345, dataset="digits train: 1000 images 8x8x1",
                   stopped_by_budget=False, calibrated=True)
     kwargs.update(overrides)
     return report_lib.privacy_report(ledger, **kwargs)
+
+
+def test_a_configs_report_has_the_keys_values_and_order_it_always_had():
+    """The config reaches the report through `experiment.report_settings`; the JSON written
+    (keys, values and their order) is the one the report wrote when it read the config."""
+    sigmas = [0.9, 1.3]
+    ledger = _ledger([(sigmas[0], 0.02, 3), (sigmas[1], 0.02, 4)], delta=1e-6, target=7.5,
+                     accountant="rdp")
+    config = _config(trainable="(?!.*norm).*", clip_norm=0.37)
+    config.train.batch_size, config.diffusion.augmult = 23, 7
+    config.init_from = "/runs/seven/pretrain"
+    initial = {
+        "workdir": "/runs/seven/pretrain", "phase": "pretrain", "steps": 41, "num_examples": 77,
+        "dataset": "digits [public part]: 77 images"
+    }
+    earlier = [{"report": "privacy_report.earlier-1.json", "epsilon_pld": 0.25, "delta": 1e-6}]
+    report = _report(ledger, config, num_params=98765, num_trainable=4321, dataset="ds seven",
+                     stopped_by_budget=True, calibrated=False, seed_fixed=None,
+                     earlier_releases=earlier, initial_model=initial)
+    eps_pld, eps_rdp = ledger.spent_epsilon("pld"), ledger.spent_epsilon("rdp")
+    expected = {
+        "guarantee": {
+            "delta_at_least_1_over_n": False, "delta_warning": None, "epsilon_pld": eps_pld,
+            "epsilon_rdp": eps_rdp, "delta": 1e-6, "target_epsilon": 7.5,
+            "enforced_accountant": "rdp",
+            "unit": "example-level add/remove adjacency (one training example)",
+            "seed_fixed_by_config": None
+        },
+        "mechanism": {
+            "name": "DP-SGD, Poisson-subsampled Gaussian, self-composed",
+            "noise_multiplier": sigmas, "noise_multiplier_calibrated": False, "sampling_rate": 0.02,
+            "steps": 7, "expected_batch_size": 23, "num_examples": NUM_EXAMPLES, "clip_norm": 0.37,
+            "augmult": 7, "history": ledger.to_dict()
+        },
+        "training": {
+            "dataset": "ds seven", "num_params": 98765, "num_trainable_params": 4321,
+            "trainable_pattern": "(?!.*norm).*", "init_from": "/runs/seven/pretrain",
+            "stopped_by_budget": True
+        },
+        "protected": "each of the 1000 training examples of this run: ds seven",
+        "not_protected": ("the 77 images that trained the initial model (/runs/seven/pretrain, "
+                          "41 pretrain steps) without privacy: digits [public part]: 77 images"),
+        "not_covered":
+            ("The guarantee covers the released model parameters and everything sampled from "
+             "them. The training logs (losses, gradient-norm quantiles, fraction clipped) are "
+             "computed from the private data without noise: do not publish them. "
+             "Hyperparameters tuned on the private data are not accounted for."),
+        "earlier_releases": earlier,
+        "composition": {
+            "rule": "basic composition: the releases of this workdir together satisfy "
+                    "(sum of epsilons, sum of deltas)-DP for the data they share",
+            "epsilon_total": eps_pld + 0.25, "delta_total": 1e-6 + 1e-6
+        },
+    }
+    assert json.dumps(report, indent=2) == json.dumps(expected, indent=2)
 
 
 @pytest.fixture(scope="module")

@@ -178,29 +178,6 @@ def _folder_config(train_dir, test_dir=None):
     return config
 
 
-def test_image_folder_needs_a_separate_test_folder(tmp_path):
-    train_dir = _folder(tmp_path / "train", {"a": 10, "b": 200})
-    with pytest.raises(ValueError, match="set data.test_dir"):
-        run_lib.real_test_spec(_folder_config(train_dir))
-    # test_split=train used to evaluate on the training images under the "real test set" label
-    with pytest.raises(ValueError, match="the training data"):
-        run_lib.real_test_spec(_folder_config(train_dir, str(tmp_path / "train" / ".")))
-    spec = run_lib.real_test_spec(_folder_config(train_dir, str(tmp_path / "test")))
-    assert spec.data_dir == str(tmp_path / "test") and spec.name == "image_folder"
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("data.test_split", "train", "is the training split"),
-    ("data.test_dir", "/some/folder", "data.test_split instead"),
-])
-def test_split_datasets_refuse_the_training_split(field, value, message):
-    config = get_config()  # digits, split "train"
-    section, name = field.split(".")
-    config[section][name] = value
-    with pytest.raises(ValueError, match=message):
-        run_lib.real_test_spec(config)
-
-
 @pytest.fixture
 def stub_downstream(monkeypatch):
     """Replaces classifier training; records the real test set and the options it was given."""
