@@ -56,13 +56,14 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
-def draw(exp, params, *, num: int, batch: int, guidance: float, steps: int, seed: int):
+def draw(exp, params, *, num: int, batch: int, guidance: float, steps: int, seed: int,
+         eta: float = 0.0):
     """`num` class-balanced samples: (uint8 `[num, H, W, C]`, labels int `[num]`)."""
     u = exp.unet_config
     sample_fn = sampling.make_sample_fn(exp.eval_apply, params, exp.schedule,
                                         image_shape=(u.image_size, u.image_size, u.in_channels),
-                                        method="ddim", num_steps=steps, guidance_scale=guidance,
-                                        null_label=exp.null_label)
+                                        method="ddim", num_steps=steps, eta=eta,
+                                        guidance_scale=guidance, null_label=exp.null_label)
     labels = sampling.balanced_labels(num, u.num_classes, seed)
     out = []
     for i in range(-(-num // batch)):
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--guidance", type=_floats, default=[0.0, 1.0, 2.0, 4.0])
     parser.add_argument("--ddim-steps", type=_floats, default=[25])
+    parser.add_argument("--eta", type=_floats, default=[0.0],
+                        help="DDIM eta values (0 deterministic, 1 DDPM-like ancestral noise)")
     parser.add_argument("--num", type=int, default=1000, help="samples per setting")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
@@ -97,30 +100,34 @@ def main(argv=None) -> int:
                                                     num_classes, kind="logistic")
     recipe = downstream_config(config)
     results = []
-    for steps in args.ddim_steps:
-        for guidance in args.guidance:
-            start = time.perf_counter()
-            images, labels = draw(exp, params, num=args.num, batch=args.batch, guidance=guidance,
-                                  steps=int(steps), seed=args.seed)
-            sample_s = time.perf_counter() - start
-            (train_x, train_y), (val_x, val_y) = classifier_training.split_holdout(
-                images, labels, recipe.val_fraction, seed=recipe.seed)
-            trained = classifier_training.train_classifier(train_x, train_y, val_x, val_y, recipe,
-                                                           num_classes=num_classes)
-            row = {
-                "guidance": guidance, "ddim_steps": int(steps), "num": args.num,
-                "public_accuracy": classifier_training.accuracy(trained, public.images,
-                                                                public.labels),
-                "label_consistency": label_consistency.label_consistency(reader, images, labels)
-                                     ["overall"], "sample_seconds": round(sample_s, 1),
-                "total_seconds": round(time.perf_counter() - start, 1)
-            }
-            results.append(row)
-            print(
-                f"guidance={guidance:g} ddim_steps={int(steps)}: public_accuracy="
-                f"{row['public_accuracy']:.4f} label_consistency="
-                f"{row['label_consistency']:.3f} ({row['sample_seconds']:.0f}s sampling, "
-                f"{row['total_seconds']:.0f}s total)", flush=True)
+    settings = [(int(steps), eta, guidance)
+                for steps in args.ddim_steps
+                for eta in args.eta
+                for guidance in args.guidance]
+    for steps, eta, guidance in settings:
+        start = time.perf_counter()
+        images, labels = draw(exp, params, num=args.num, batch=args.batch, guidance=guidance,
+                              steps=steps, seed=args.seed, eta=eta)
+        sample_s = time.perf_counter() - start
+        (train_x,
+         train_y), (val_x, val_y) = classifier_training.split_holdout(images, labels,
+                                                                      recipe.val_fraction,
+                                                                      seed=recipe.seed)
+        trained = classifier_training.train_classifier(train_x, train_y, val_x, val_y, recipe,
+                                                       num_classes=num_classes)
+        row = {
+            "guidance": guidance, "ddim_steps": steps, "eta": eta, "num": args.num,
+            "public_accuracy": classifier_training.accuracy(trained, public.images, public.labels),
+            "label_consistency": label_consistency.label_consistency(reader, images, labels)
+                                 ["overall"], "sample_seconds": round(sample_s, 1),
+            "total_seconds": round(time.perf_counter() - start, 1)
+        }
+        results.append(row)
+        print(
+            f"guidance={guidance:g} ddim_steps={steps} eta={eta:g}: public_accuracy="
+            f"{row['public_accuracy']:.4f} label_consistency="
+            f"{row['label_consistency']:.3f} ({row['sample_seconds']:.0f}s sampling, "
+            f"{row['total_seconds']:.0f}s total)", flush=True)
     doc = {
         "config": args.config, "workdir": args.workdir, "checkpoint_step": meta["step"],
         "num_public": len(public), "recipe": dataclasses.asdict(recipe),

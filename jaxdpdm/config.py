@@ -168,6 +168,11 @@ def get_config(arg=None):
     # Also write all samples to this one compressed .npz (images, labels and a provenance JSON
     # naming the checkpoint step and the privacy guarantee), e.g. to publish them.
     config.sample.npz_file = config_dict.placeholder(str)
+    # Also write all samples into this folder as parts part-00000.npz, ... of at most
+    # npz_part_size samples each (same content as npz_file; for publishing under a file size
+    # limit). The "npz" dataset source reads the folder back as one dataset.
+    config.sample.npz_folder = config_dict.placeholder(str)
+    config.sample.npz_part_size = 10000
 
     # --- evaluation (--mode=evaluate) ---
     config.eval = ml_collections.ConfigDict()
@@ -312,6 +317,7 @@ def validate_config(config) -> None:
         f"sample.seed must be an integer in [0, 2**32 - 1], got {s.seed}")
     _check(s.num_samples >= 1 and s.batch_size >= 1,
            "sample.num_samples and sample.batch_size must be >= 1")
+    _check(s.npz_part_size >= 1, "sample.npz_part_size must be >= 1")
 
     a = config.audit
     _check(a.kind in AUDIT_KINDS, f"audit.kind must be one of {AUDIT_KINDS}, got {a.kind!r}")

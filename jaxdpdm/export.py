@@ -1,8 +1,10 @@
 """Exporting the samples of `WORKDIR/samples/` for use outside jaxdpdm.
 
-Two formats, both written by `--mode=sample` when configured (`sample.npz_file`,
-`sample.image_folder`): one compressed `.npz` (the layout the "npz" dataset source reads) and an
-image folder of PNGs (the layout the "image_folder" source and torchvision's `ImageFolder` read).
+Three formats, each written by `--mode=sample` when configured (`sample.npz_file`,
+`sample.npz_folder`, `sample.image_folder`): one compressed `.npz` (the layout the "npz" dataset
+source reads), a folder of such `.npz` parts (for sets too large for one file under a size limit;
+the "npz" source reads the folder as one dataset), and an image folder of PNGs (the layout the
+"image_folder" source and torchvision's `ImageFolder` read).
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ from jaxdpdm.sampling import load_samples
 EXPORT_MARKER = ".jaxdpdm_export.json"
 
 
+def _write_npz(path: str, images: np.ndarray, labels: np.ndarray, provenance: dict) -> None:
+    """One compressed `.npz` (`images`, int32 `labels`, `provenance` JSON), written to a temporary
+    name and renamed, so a crash leaves either the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez_compressed(tmp, images=images, labels=labels.astype(np.int32),
+                            provenance=np.array(json.dumps(provenance, sort_keys=True)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def export_npz(out_dir: str | os.PathLike, path: str | os.PathLike,
                provenance: dict | None = None) -> int:
     """Writes the samples of `out_dir/samples/` to one compressed `.npz`; returns their number.
@@ -26,23 +41,60 @@ def export_npz(out_dir: str | os.PathLike, path: str | os.PathLike,
     The file holds `images` uint8 `[N, H, W, C]` and `labels` int32 `[N]` (the layout the "npz"
     dataset source reads, so the file can be re-evaluated or trained on as it is), and
     `provenance`, a JSON string (e.g. the checkpoint step and the privacy guarantee of the model
-    that drew them). It is written to a temporary name and renamed, so a crash leaves either the
-    old file or the new one.
+    that drew them). A crash leaves either the old file or the new one.
     """
     images, labels = load_samples(out_dir)
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not path.endswith(".npz"):
         raise ValueError(f"sample.npz_file must end in .npz, got {path}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    try:
-        np.savez_compressed(tmp, images=images, labels=labels.astype(np.int32),
-                            provenance=np.array(json.dumps(provenance or {}, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_npz(path, images, labels, provenance or {})
     return int(len(images))
+
+
+def export_npz_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
+                      provenance: dict | None = None, part_size: int = 10000) -> int:
+    """Writes the samples of `out_dir/samples/` as `folder/part-00000.npz`, `part-00001.npz`, ...
+    of at most `part_size` samples each, in sample order; returns their number.
+
+    For publishing a set too large for one file under a size limit: each part has the layout of
+    `export_npz` (its `provenance` adds `part` and `num_parts`), and the "npz" dataset source reads
+    the folder back as one dataset (parts concatenated in name order = sample order). The folder
+    is prepared like `export_image_folder`'s: an earlier export is replaced, any other non-empty
+    folder refused.
+    """
+    if int(part_size) != part_size or part_size < 1:
+        raise ValueError(f"sample.npz_part_size must be a positive integer, got {part_size}")
+    folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    images, labels = load_samples(out_dir)
+    num_parts = -(-len(images) // part_size)
+    _prepare_export_folder(
+        folder, {
+            "samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
+            "num_images": int(len(images)), "num_parts": num_parts
+        })
+    width = max(5, len(str(num_parts - 1)))
+    for part in range(num_parts):
+        rows = slice(part * part_size, (part + 1) * part_size)
+        _write_npz(os.path.join(folder, f"part-{part:0{width}d}.npz"), images[rows], labels[rows],
+                   {**(provenance or {}), "part": part, "num_parts": num_parts})
+    return int(len(images))
+
+
+def _prepare_export_folder(folder: str, record: dict) -> None:
+    """Empties `folder` if it holds an earlier jaxdpdm export (its marker file), refuses it if it
+    holds anything else, then creates it with a fresh marker recording `record`."""
+    marker = os.path.join(folder, EXPORT_MARKER)
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not os.path.exists(marker):
+            raise ValueError(f"{folder} is not empty and holds no earlier jaxdpdm export; give "
+                             "a new or empty folder")
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(record, f)
 
 
 def export_image_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
@@ -67,21 +119,11 @@ def export_image_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
     if missing:
         raise ValueError(f"the samples hold no image of class(es) {missing[:5]}: an image folder "
                          "needs every class; sample at least one image per class")
-    marker = os.path.join(folder, EXPORT_MARKER)
-    if os.path.isdir(folder) and os.listdir(folder):
-        if not os.path.exists(marker):
-            raise ValueError(f"{folder} is not empty and holds no earlier jaxdpdm export; give "
-                             "a new or empty folder")
-        for name in os.listdir(folder):
-            path = os.path.join(folder, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(folder, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(
-            {
-                "samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
-                "num_images": int(len(images)), "num_classes": int(num_classes)
-            }, f)
+    _prepare_export_folder(
+        folder, {
+            "samples": os.path.join(os.path.abspath(os.fspath(out_dir)), "samples"),
+            "num_images": int(len(images)), "num_classes": int(num_classes)
+        })
     class_width = len(str(max(num_classes - 1, 0)))
     index_width = max(5, len(str(len(images) - 1)))
     for label in range(num_classes):

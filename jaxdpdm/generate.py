@@ -168,4 +168,8 @@ def sample_from_workdir(config, workdir: str) -> sampling.GenerationSummary:
     if s.npz_file:
         count = export.export_npz(workdir, s.npz_file, _provenance(config, workdir, meta))
         print(f"[sample] wrote {count} samples to {s.npz_file}", flush=True)
+    if s.npz_folder:
+        count = export.export_npz_folder(workdir, s.npz_folder, _provenance(config, workdir, meta),
+                                         part_size=s.npz_part_size)
+        print(f"[sample] wrote {count} samples to {s.npz_folder}/part-*.npz", flush=True)
     return summary

@@ -231,7 +231,9 @@ def fashion_mnist_base(subset: str) -> ml_collections.ConfigDict:
     # guidance raised label consistency but lowered what a classifier learns from the samples;
     # benchmarks/RESULTS.md section 11)
     s.guidance_scale = 0.0
-    s.num_samples = 4000  # ours
+    # ours: 4,000 -> 20,000 raised the selection metric (synthetic-trained CNN scored on the real
+    # public images) from 80.1% to 84.6% (benchmarks/RESULTS.md section 12)
+    s.num_samples = 20000
     s.batch_size = 500
 
     e = config.eval

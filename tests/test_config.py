@@ -143,6 +143,7 @@ INVALID = [
     ("sample.eta", -0.1, "sample.eta"),
     ("sample.guidance_scale", -1.0, "sample.guidance_scale"),
     ("sample.num_samples", 0, "sample.num_samples"),
+    ("sample.npz_part_size", 0, "sample.npz_part_size"),
     ("sample.batch_size", 0, "sample.batch_size"),
     ("eval.classifier", "resnet", "eval.classifier"),
     ("eval.augment", "autoaugment", "eval.augment"),

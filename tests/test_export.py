@@ -58,3 +58,35 @@ def test_npz_export_reads_back_through_the_npz_source(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic.npz"]  # no temp file
     with pytest.raises(ValueError, match="must end in .npz"):
         export.export_npz(tmp_path, tmp_path / "synthetic.zip")
+
+
+def test_npz_folder_export_parts_read_back_as_one_dataset(tmp_path):
+    sampling.generate_samples(_cheap_sample_fn, out_dir=tmp_path, num_samples=23, num_classes=11,
+                              batch_size=8, seed=0, grid_per_class=0)
+    images, labels = sampling.load_samples(tmp_path)
+    folder = tmp_path / "published"
+    assert export.export_npz_folder(tmp_path, folder, {"checkpoint_step": 7}, part_size=10) == 23
+    parts = sorted(p.name for p in folder.glob("*.npz"))
+    assert parts == ["part-00000.npz", "part-00001.npz", "part-00002.npz"]
+    sizes = []
+    for index, name in enumerate(parts):
+        with np.load(folder / name, allow_pickle=False) as archive:
+            sizes.append(len(archive["labels"]))
+            assert json.loads(str(
+                archive["provenance"])) == {"checkpoint_step": 7, "part": index, "num_parts": 3}
+    assert sizes == [10, 10, 3]
+    loaded = load_dataset(
+        DataSpec(name="npz", data_dir=str(folder), image_size=images.shape[1],
+                 channels=images.shape[3]))
+    np.testing.assert_array_equal(loaded.images, images)
+    np.testing.assert_array_equal(loaded.labels, labels)
+    # A second export with fewer parts leaves no stale part behind; a foreign folder is refused.
+    export.export_npz_folder(tmp_path, folder, part_size=23)
+    assert sorted(p.name for p in folder.glob("*.npz")) == ["part-00000.npz"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not empty"):
+        export.export_npz_folder(tmp_path, tmp_path / "mine")
+    assert (tmp_path / "mine" / "keep.npz").exists()
+    with pytest.raises(ValueError, match="npz_part_size"):
+        export.export_npz_folder(tmp_path, tmp_path / "new", part_size=0)
