@@ -106,16 +106,20 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> ja
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_patch_matmul_grad(x: jax.Array, kernel: jax.Array, strides: int,
                            padding: int) -> jax.Array:
-    """XLA's convolution whose KERNEL gradient is one matmul of input patches with the output
-    gradient; the value and the input gradient are XLA's own. Same mathematics as `conv_nhwc`.
+    """XLA's convolution whose KERNEL gradient is a sum of matmuls, one per kernel tap; the
+    value and the input gradient are XLA's own. Same mathematics as `conv_nhwc`.
+
+    The kernel gradient of tap (i, j) is `(g^T @ x_shifted(i, j))^T`, the sum over (batch,
+    positions) in one matmul, where `x_shifted(i, j)` `[B*H'*W', Cin]` is the padded input seen by
+    that tap (a strided slice; no patch tensor is built) and `g^T` `[Cout, B*H'*W']`.
 
     Why: under `jax.vmap` (per-example gradients for DP-SGD) XLA turns the kernel gradient of a
     convolution into a grouped convolution with one group per example, which XLA:CPU feeds with
-    large layout transposes; here it is a batched matmul over examples instead. Measured on CPU
-    (benchmarks/RESULTS.md section 10): with jaxdpdm's default XLA flag it gains little on the DP
-    step and slows the non-private one, so it is not the default; on GPU it is unmeasured
-    (`benchmarks/gpu_check.sh --conv`). The patches take kh*kw times the layer input's memory
-    while the kernel gradient is computed.
+    large layout transposes; here each tap is a batched matmul over examples instead. Measured on
+    CPU (benchmarks/RESULTS.md section 10): no faster than XLA's own gradient for the DP step
+    (1.07x at 16x16, 0.97x at 28x28 on an AVX2 machine) and slower for the non-private one, so
+    it is not the default; on GPU it is unmeasured (`benchmarks/gpu_check.sh --conv`). The tap
+    slices are copied (kh*kw times the layer input) while the kernel gradient is computed.
     """
     return conv_nhwc(x, kernel, strides, padding)
 
@@ -131,15 +135,22 @@ def _conv_bwd(strides, padding, residuals, g):
     kh, kw = kernel.shape[:2]
     out_h, out_w = g.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    # patches[b, h, w, (i*kw + j)*Cin + c] = xp[b, h*s + i, w*s + j, c]: the input under each tap.
-    patches = jnp.concatenate([
-        xp[:, i:i + strides * (out_h - 1) + 1:strides, j:j + strides * (out_w - 1) + 1:strides]
+    rows = g.shape[0] * out_h * out_w
+    # The output gradient transposed ONCE, `[Cout, B*H'*W']`, is the left operand of every tap's
+    # matmul; each tap's input slice is the right operand in its natural layout. (The other
+    # order, `x_tap^T @ g`, makes XLA:CPU transpose each of the kh*kw input slices.)
+    g_t = g.astype(x.dtype).reshape(rows, -1).T
+    # Tap (i, j) sees xp[b, h*s + i, w*s + j, c] at output position (h, w).
+    taps = [
+        jnp.matmul(g_t,
+                   xp[:, i:i + strides * (out_h - 1) + 1:strides,
+                      j:j + strides * (out_w - 1) + 1:strides].reshape(rows, -1),
+                   preferred_element_type=jnp.float32)
         for i in range(kh)
         for j in range(kw)
-    ], axis=-1)
-    dkernel = jnp.einsum("bhwp,bhwo->po", patches, g.astype(x.dtype),
-                         preferred_element_type=jnp.float32)
-    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+    ]  # each [Cout, Cin]
+    dkernel = jnp.stack(taps).transpose(0, 2, 1).reshape(kernel.shape)
+    return dx, dkernel.astype(kernel.dtype)
 
 
 conv_patch_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
@@ -159,8 +170,8 @@ class Conv(nn.Module):
         dtype: compute dtype (parameters stay float32).
         impl: how the kernel gradient is computed; the values, and the mathematics, are the same:
             "xla": XLA's convolution and its own gradient;
-            "patch_matmul": `conv_patch_matmul_grad` (kernel gradient as one matmul of input
-                patches). See benchmarks/RESULTS.md section 10 for which is faster where.
+            "patch_matmul": `conv_patch_matmul_grad` (kernel gradient as one matmul per kernel
+                tap). See benchmarks/RESULTS.md section 10 for which is faster where.
     """
 
     features: int
