@@ -43,6 +43,10 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+try:  # torch imports triton lazily (torch.optim's first optimizer loads torch._dynamo)
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
 # Compiled programs are cached on disk and shared by this process and the subprocesses it
 # starts (they inherit the environment): the suite compiles each (model, shape) once.
