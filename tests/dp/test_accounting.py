@@ -7,6 +7,7 @@ import math
 import warnings
 
 import dp_accounting
+import numpy as np
 import pytest
 
 from jaxdpdm.dp import accounting
@@ -62,6 +63,19 @@ def test_epsilon_rejects_bad_arguments(kwargs, match):
         epsilon(
             **
             {"noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 10, "delta": DELTA, **kwargs})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calibration_returns_the_smallest_safe_sigma_at_full_precision(seed):
+    """Whatever the coarse search found, the answer is judged by the accountant of record: its
+    epsilon is within the target and 1e-4 less noise is not (random settings, PLD)."""
+    rng = np.random.default_rng(seed)
+    q, steps = float(rng.uniform(0.005, 0.1)), int(rng.integers(1, 400))
+    target, delta = float(rng.uniform(0.5, 8.0)), float(10.0**rng.uniform(-7, -4))
+    sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sampling_rate=q,
+                                       steps=steps)
+    spent = lambda s: epsilon(noise_multiplier=s, sampling_rate=q, steps=steps, delta=delta)
+    assert spent(sigma) <= target < spent(sigma - 1e-4)
 
 
 @pytest.mark.parametrize("target", [0.0, -1.0, math.inf])
