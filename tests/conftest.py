@@ -56,6 +56,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 _RESULT_MARKER = "__JAXDPDM_SUBPROCESS_RESULT__"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Each worker imports jax
+    and compiles its own programs; more workers than that only cost memory."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def run_python_with_devices(code: str, *, num_devices: int = 8, timeout: float = 600.0):
     """Runs `code` with `num_devices` simulated CPU devices; returns its JSON `result`."""
     env = os.environ.copy()
