@@ -43,7 +43,7 @@ def load_trained(config, workdir: str) -> tuple[Experiment, Any, dict]:
         meta = store.restore_meta(step)
         exp = build_experiment(config, num_classes=meta["num_classes"])
         # Shapes only: the init seed is irrelevant (and may be unset when sampling).
-        template = jax.eval_shape(unet.init_params, exp.unet_config, jax.random.key(0))
+        template = unet.param_shapes(exp.unet_config)
         state, _ = store.restore_arrays(step)
     finally:
         store.close()

@@ -19,7 +19,7 @@ from jaxdpdm.diffusion import (
     q_posterior,
     q_sample,
 )
-from jaxdpdm.models.unet import UNetConfig, init_params, make_apply_fn
+from jaxdpdm.models.unet import UNetConfig, make_apply_fn, param_shapes
 
 T = 1000
 LINEAR = make_schedule("linear", T)
@@ -294,7 +294,7 @@ def test_per_example_gradients_through_a_unet():
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32),
-        jax.eval_shape(init_params, config, jax.random.key(0)),
+        param_shapes(config),
     )
     loss = functools.partial(
         per_example_loss,

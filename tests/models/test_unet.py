@@ -7,6 +7,7 @@ Everything that runs is the 8x8 "tiny" preset; larger models are only traced wit
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ from jaxdpdm.models.unet import (
     count_parameters,
     init_params,
     make_apply_fn,
+    param_shapes,
     unet_preset,
 )
 
@@ -35,7 +37,7 @@ def random_params(config, seed):
     norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2), embeddings ~ N(0, 1).
     """
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(init_params, config, jax.random.key(0))
+    shapes = param_shapes(config)
 
     def draw(path, leaf):
         name = path[-1].key
@@ -89,6 +91,16 @@ def test_paper_preset_is_80m_plus_at_32x32():
     assert (config.image_size, config.in_channels, config.num_classes) == (32, 3, 10)
     assert config.attention_resolutions == (16, 8)
     assert count_parameters(config) >= 80_000_000
+
+
+def test_cpu_init_compiled_cheaply_draws_the_optimised_programs_values(initial_params):
+    """On CPU `init_params` is compiled with LLVM's cheap pipeline (it runs once); it must draw
+    what the optimised program draws, up to float32 rounding."""
+    from jaxdpdm.models import unet
+    optimised = unet._init_jit(TINY, jax.random.key(0, impl="rbg"))
+    chex.assert_trees_all_close(initial_params, optimised, rtol=1e-6, atol=1e-7)
+    # Under a trace the initialisation is part of the caller's program (no compiler options).
+    assert jax.tree.structure(param_shapes(TINY)) == jax.tree.structure(optimised)
 
 
 def test_initialised_params_count_dtype_and_zero_init(initial_params, inputs):
