@@ -188,11 +188,12 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
 
     The result sigma* satisfies epsilon(sigma*) <= target_epsilon with the same accountant at its
     full precision (checked), and epsilon(sigma* - 1e-4) > target_epsilon. With PLD the root
-    is first searched on a grid `_SEARCH_COARSENING` times coarser (~30x cheaper per evaluation,
-    epsilon within ~1e-4 of the fine grid's), then settled by the accountant of record: usually
-    two full-precision evaluations, where a search at full precision needs ~8 (14 s against 5 s
-    for the quickstart's 2-step calibration on a 2-core CPU). PLD evaluations slow down with the
-    step count (about a minute per calibration at 10^6 steps), so progress is logged every ~10 s.
+    is first searched on a grid `_SEARCH_COARSENING` times coarser (each evaluation several
+    times cheaper), then settled by the accountant of record in 2-5 full-precision evaluations,
+    where a search at full precision needs ~8 (4.7 s against 11.8 s for a 2-step calibration like
+    the quickstart's on a 2-core CPU; benchmarks/RESULTS.md section 13). PLD evaluations slow
+    down with the step count (about a minute per calibration at 10^6 steps), so progress is
+    logged every ~10 s.
     """
     target = _check_epsilon(target_epsilon)
     q, steps = _check_rate(sampling_rate), _check_steps(steps)
