@@ -56,6 +56,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 _RESULT_MARKER = "__JAXDPDM_SUBPROCESS_RESULT__"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files holding a `slow` test first, each file's tests kept together and in order.
+
+    Workers take whole files in this order (pyproject: --dist loadfile --no-loadscope-reorder).
+    Started last, one slow end-to-end file would leave the other cores idle for its minutes."""
+    del config
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: keeps the order within
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per core, at most 4. Each worker imports jax
     and compiles its own programs; more workers than that only cost memory."""

@@ -44,6 +44,7 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_passes_invariants_and_reports(tmp_path):
     proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke"], cwd=tmp_path,
                           env=_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=900)
@@ -189,15 +190,13 @@ def test_vs_pytorch_port_computes_the_same_unet():
         config = unet.unet_preset(preset)
         assert vs.torch_parameter_count(config) == unet.count_parameters(config), preset
     config = unet.unet_preset("tiny")
-    params = unet.init_params(config, jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef,
-                                [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
     rng = np.random.default_rng(0)
+    # Host-side numpy draws: one jax.random call per parameter shape would compile once each.
+    params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32),
+                          unet.param_shapes(config))
     x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
     t, y = np.array([0, 500, 999], np.int32), np.array([0, 7, 10], np.int32)
-    expected = unet.make_apply_fn(config, train=False)(params, x, t, y, None)
+    expected = jax.jit(unet.make_apply_fn(config, train=False))(params, x, t, y, None)
     model = vs.TorchUNet(config).eval()
     vs.load_flax_params(model, params)
     with torch.no_grad():

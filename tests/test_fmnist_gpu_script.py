@@ -24,6 +24,7 @@ def _have_fashion_mnist() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST files not installed")
 def test_fmnist_gpu_smoke_runs_the_whole_chain(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "out"

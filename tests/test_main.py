@@ -23,6 +23,7 @@ def _main(*args, timeout=900):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_train_sample_evaluate(tmp_path):
     workdir = str(tmp_path / "run")
     config = "--config=configs/quickstart.py:tiny"
@@ -87,6 +88,7 @@ def _wait_for(path, process, timeout=600.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_process_and_ctrl_c_mid_save_keeps_the_checkpoint(tmp_path):
     """Two deterministic pause points of one training process (`pause_for_tests` in
     jaxdpdm/interrupts.py): while it holds the lock, a second process is refused; inside the

@@ -55,6 +55,7 @@ def test_invalid_two_phase_configs_are_refused(tiny_config, overrides, message):
         validate_config(config)
 
 
+@pytest.mark.slow
 def test_one_call_trains_both_phases_reports_both_and_resumes(tmp_path, tiny_config):
     config = _two_phase(tiny_config, **{"eval.label_consistency_samples": 20})
     workdir = str(tmp_path / "run")

@@ -156,6 +156,7 @@ def test_missing_init_from_and_unwritable_workdir_fail_early(tmp_path, tiny_conf
         Trainer(tiny_config(), str(blocker / "wd"))
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(run_multidevice, finished_run):
     """The same DP run on 8 simulated devices ends with the 1-device parameters."""
     trainer, _, workdir = finished_run

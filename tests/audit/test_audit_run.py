@@ -51,6 +51,7 @@ def _tree_digest(root):
     return digest
 
 
+@pytest.mark.slow
 def test_real_mechanism_is_consistent_and_release_workdir_untouched(tiny_config, tmp_path):
     release = tmp_path / "release"
     (release / "checkpoints" / "3").mkdir(parents=True)
@@ -71,6 +72,7 @@ def test_real_mechanism_is_consistent_and_release_workdir_untouched(tiny_config,
     assert report["verdict"].startswith("consistent")
 
 
+@pytest.mark.slow
 def test_noise_divided_by_ten_is_caught_by_the_white_box_audit(tiny_config, tmp_path, monkeypatch):
     # The bug: the optimizer adds a tenth of the noise that the accountant accounts for.
     def broken(**kwargs):

@@ -14,6 +14,7 @@ import pathlib
 import sys
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -74,6 +75,7 @@ def _this_python_kernel() -> KernelManager:
     return KernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_with_tiny_settings(tmp_path, monkeypatch):
     nb = _notebook()
     workdir = tmp_path / "run"
