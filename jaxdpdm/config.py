@@ -207,6 +207,10 @@ def get_config(arg=None):
     # Class-balanced samples drawn and scored at the end of training (0: not at all); written to
     # WORKDIR/label_consistency.json. --mode=evaluate scores all the samples of --mode=sample.
     config.eval.label_consistency_samples = 0
+    # Evaluate this .npz file or folder of .npz parts (written by sample.npz_file / npz_folder,
+    # e.g. a set published in benchmarks/results/) instead of WORKDIR/samples; the privacy
+    # guarantee reported is the one its provenance records. None: WORKDIR/samples.
+    config.eval.samples_npz = config_dict.placeholder(str)
 
     # --- privacy audit (--mode=audit; see jaxdpdm.audit) ---
     config.audit = ml_collections.ConfigDict()

@@ -4,18 +4,24 @@ Three formats, each written by `--mode=sample` when configured (`sample.npz_file
 `sample.npz_folder`, `sample.image_folder`): one compressed `.npz` (the layout the "npz" dataset
 source reads), a folder of such `.npz` parts (for sets too large for one file under a size limit;
 the "npz" source reads the folder as one dataset), and an image folder of PNGs (the layout the
-"image_folder" source and torchvision's `ImageFolder` read).
+"image_folder" source and torchvision's `ImageFolder` read). `read_published` reads a `.npz` set
+back with its provenance, checking that no part of a folder is missing (`--mode=evaluate` with
+`eval.samples_npz`).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pathlib
 import shutil
+import zipfile
 
 import numpy as np
 from PIL import Image
 
+from jaxdpdm.data.sources import npz_contents, read_npz_archive
 from jaxdpdm.sampling import load_samples
 
 EXPORT_MARKER = ".jaxdpdm_export.json"
@@ -79,6 +85,59 @@ def export_npz_folder(out_dir: str | os.PathLike, folder: str | os.PathLike,
         _write_npz(os.path.join(folder, f"part-{part:0{width}d}.npz"), images[rows], labels[rows],
                    {**(provenance or {}), "part": part, "num_parts": num_parts})
     return int(len(images))
+
+
+def read_published(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Reads a set written by `export_npz` (one file) or `export_npz_folder` (a folder of parts).
+
+    Returns:
+      (images uint8 [N, H, W, C], labels int32 [N], provenance): for a folder, the parts in
+      part order and the provenance they share (without the per-part "part" and "num_parts");
+      for one file, its provenance as written (one part of a folder keeps its "part" and
+      "num_parts", so a report shows that it holds only part of the set).
+
+    Raises:
+      FileNotFoundError: `path` does not exist, or is a folder without `.npz` files.
+      ValueError: a file is unreadable or has no provenance (not written by these exports),
+        the parts' provenances differ (parts of different runs), or a part is missing or
+        duplicated (the numbers must be exactly 0 .. num_parts - 1).
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.npz")))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .npz files")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path} does not exist (expected an .npz file written by "
+                                "sample.npz_file or a folder written by sample.npz_folder)")
+    parts = []
+    for file in files:
+        try:
+            arrays = read_npz_archive(pathlib.Path(file))
+        except (OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
+            raise ValueError(f"cannot read {file}: {error}") from error
+        images, labels, _ = npz_contents(pathlib.Path(file), arrays)
+        if "provenance" not in arrays:
+            raise ValueError(f"{file} has no provenance, so it was not written by --mode=sample "
+                             "(sample.npz_file / npz_folder); evaluate it with your own "
+                             "classifier, or train on it as the npz data source")
+        parts.append((images, labels, json.loads(str(arrays["provenance"]))))
+    if not os.path.isdir(path):
+        return parts[0]
+    shared = [{k: v for k, v in p.items() if k not in ("part", "num_parts")} for *_, p in parts]
+    if any(s != shared[0] for s in shared[1:]):
+        raise ValueError(f"the files in {path} record different provenances (checkpoint step, "
+                         "sampler or privacy guarantee): they are not one published set")
+    numbers = sorted(p.get("part", -1) for *_, p in parts)
+    expected = parts[0][2].get("num_parts")
+    if numbers != list(range(expected if isinstance(expected, int) else -1)):
+        raise ValueError(f"{path} holds parts {numbers} of a set of {expected}: a part is "
+                         "missing, duplicated or not from sample.npz_folder")
+    parts.sort(key=lambda part: part[2]["part"])
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            shared[0])
 
 
 def _prepare_export_folder(folder: str, record: dict) -> None:

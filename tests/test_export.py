@@ -90,3 +90,49 @@ def test_npz_folder_export_parts_read_back_as_one_dataset(tmp_path):
     assert (tmp_path / "mine" / "keep.npz").exists()
     with pytest.raises(ValueError, match="npz_part_size"):
         export.export_npz_folder(tmp_path, tmp_path / "new", part_size=0)
+
+
+def _published_folder(tmp_path, provenance, num_samples=23, part_size=10):
+    sampling.generate_samples(_cheap_sample_fn, out_dir=tmp_path, num_samples=num_samples,
+                              num_classes=11, batch_size=8, seed=0, grid_per_class=0)
+    export.export_npz_folder(tmp_path, tmp_path / "published", provenance, part_size=part_size)
+    return tmp_path / "published"
+
+
+def test_read_published_returns_the_set_and_its_shared_provenance(tmp_path):
+    provenance = {"checkpoint_step": 7, "dataset": "digits", "privacy_guarantee": {"delta": 1e-5}}
+    folder = _published_folder(tmp_path, provenance)
+    images, labels = sampling.load_samples(tmp_path)
+    # Part order, not name order: a renamed part still lands where its provenance says.
+    (folder / "part-00000.npz").rename(folder / "part-00009.npz")
+    read_images, read_labels, read_provenance = export.read_published(folder)
+    np.testing.assert_array_equal(read_images, images)
+    np.testing.assert_array_equal(read_labels, labels)
+    assert read_provenance == provenance
+    one_part = export.read_published(folder / "part-00001.npz")  # one file: as written
+    np.testing.assert_array_equal(one_part[0], images[10:20])
+    assert one_part[2] == {**provenance, "part": 1, "num_parts": 3}
+    export.export_npz(tmp_path, tmp_path / "all.npz", provenance)
+    assert export.read_published(tmp_path / "all.npz")[2] == provenance
+
+
+def test_read_published_refuses_an_incomplete_or_mixed_set(tmp_path):
+    folder = _published_folder(tmp_path, {"checkpoint_step": 7})
+    spare = tmp_path / "spare.npz"
+    (folder / "part-00002.npz").rename(spare)
+    with pytest.raises(ValueError, match=r"holds parts \[0, 1\] of a set of 3: a part is missing"):
+        export.read_published(folder)
+    spare.rename(folder / "part-00002.npz")
+    with np.load(folder / "part-00002.npz") as archive:  # the same part from another step
+        np.savez(folder / "part-00002.npz", images=archive["images"], labels=archive["labels"],
+                 provenance=json.dumps({"checkpoint_step": 8, "part": 2, "num_parts": 3}))
+    with pytest.raises(ValueError, match="record different provenances"):
+        export.read_published(folder)
+    np.savez(tmp_path / "bare.npz", images=np.zeros((2, 4, 4, 1), np.uint8), labels=[0, 1])
+    with pytest.raises(ValueError, match="has no provenance"):
+        export.read_published(tmp_path / "bare.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="cannot read"):
+        export.read_published(tmp_path / "broken.npz")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.read_published(tmp_path / "nothing")

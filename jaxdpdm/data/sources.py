@@ -112,7 +112,7 @@ def _load_npz(spec: DataSpec) -> ImageDataset:
     images, labels, skipped, class_names = [], [], [], None
     for file in files:
         try:
-            arrays = _read_npz(file)
+            arrays = read_npz_archive(file)
         except (OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
             # Only unreadable files may be skipped; readable ones with wrong contents
             # (below) always raise, since that is a pipeline bug rather than a bad file.
@@ -120,7 +120,7 @@ def _load_npz(spec: DataSpec) -> ImageDataset:
                 raise ValueError(f"cannot read {file}: {error}") from error
             skipped.append(str(file))
             continue
-        file_images, file_labels, names = _npz_contents(file, arrays)
+        file_images, file_labels, names = npz_contents(file, arrays)
         if names is not None and class_names is not None and names != class_names:
             raise ValueError(f"{file}: class_names {names} differ from the earlier files' "
                              f"{class_names}")
@@ -161,7 +161,7 @@ def _short_list(values, limit: int = 10) -> str:
     return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
 
 
-def _read_npz(file: pathlib.Path) -> dict[str, np.ndarray]:
+def read_npz_archive(file: pathlib.Path) -> dict[str, np.ndarray]:
     """The arrays of one .npz archive (a zip of .npy files).
 
     Raises:
@@ -180,7 +180,7 @@ def _read_npz(file: pathlib.Path) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-def _npz_contents(file: pathlib.Path, arrays: dict[str, np.ndarray]):
+def npz_contents(file: pathlib.Path, arrays: dict[str, np.ndarray]):
     """(images uint8 [N, H, W, C], labels int32 [N], class names or None) of one npz file."""
     missing = [key for key in ("images", "labels") if key not in arrays]
     if missing:

@@ -1,6 +1,8 @@
 """`--mode=evaluate`: how useful are a workdir's synthetic samples?
 
-Reads `WORKDIR/samples/` (written by `--mode=sample`) and reports
+Reads `WORKDIR/samples/` (written by `--mode=sample`), or with `eval.samples_npz` a published
+`.npz` set (`export.read_published`; its provenance gives the checkpoint step and the privacy
+guarantee), and reports
 
 * FID against the real training split, through the JAX FID Inception, when
   `eval.inception_weights` names a local weights file or `eval.download_inception_weights` lets
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdpdm import sampling
+from jaxdpdm import export, sampling
 from jaxdpdm.config import validate_config
 from jaxdpdm.checkpoint import CheckpointStore, checkpoint_dir, has_checkpoint
 from jaxdpdm.data import ImageDataset, load_dataset
@@ -190,15 +192,47 @@ def samples_provenance(workdir: str) -> dict[str, Any]:
     }
 
 
+def synthetic_samples(config, workdir: str) -> tuple[np.ndarray, np.ndarray, dict, dict | None]:
+    """The samples to evaluate: `WORKDIR/samples`, or the published set `eval.samples_npz`.
+
+    Returns:
+      (images uint8 [N, H, W, C], labels int32 [N], where they came from (checkpoint steps;
+      for a published set also its path, phase, subset and sampler), the privacy guarantee of
+      the model that drew them or None): from `WORKDIR/privacy_report.json`, or for a
+      published set from its provenance.
+
+    Raises:
+      FileNotFoundError: no samples.
+      ValueError: samples of another checkpoint than the privacy report's
+        (`samples_provenance`), or a published set of another dataset than `data.name`.
+    """
+    if config.eval.samples_npz:
+        images, labels, published = export.read_published(config.eval.samples_npz)
+        if published.get("dataset") not in (None, config.data.name):
+            raise ValueError(f"{config.eval.samples_npz} holds samples of dataset "
+                             f"{published['dataset']!r}, but data.name is "
+                             f"{config.data.name!r}: evaluate it with its own config")
+        info = {"source": os.path.abspath(os.path.expanduser(config.eval.samples_npz)),
+                "checkpoint_step": published.get("checkpoint_step"),
+                **{key: published[key] for key in ("phase", "subset", "sampler", "part",
+                                                   "num_parts") if key in published}}
+        return images, labels, info, published.get("privacy_guarantee")
+    if not os.path.isdir(os.path.join(workdir, "samples")):
+        raise FileNotFoundError(f"no samples in {os.path.join(workdir, 'samples')}: run "
+                                "--mode=sample first, or set eval.samples_npz to a published set")
+    provenance = samples_provenance(workdir)
+    images, labels = sampling.load_samples(workdir)
+    privacy_path = os.path.join(workdir, PRIVACY_JSON)
+    privacy = (json.loads(storage.read_text(privacy_path))["guarantee"]
+               if os.path.exists(privacy_path) else None)
+    return images, labels, provenance, privacy
+
+
 def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     """Evaluates the samples in `workdir`; writes and returns the report."""
     validate_config(config)
     test_spec = real_test_spec(config)
-    if not os.path.isdir(os.path.join(workdir, "samples")):
-        raise FileNotFoundError(f"no samples in {os.path.join(workdir, 'samples')}: run "
-                                "--mode=sample first")
-    provenance = samples_provenance(workdir)
-    images, labels = sampling.load_samples(workdir)
+    images, labels, samples_info, privacy = synthetic_samples(config, workdir)
     real_train = load_dataset(data_spec(config))
     real_test = load_dataset(test_spec)
     if images.shape[1:] != real_train.images.shape[1:]:
@@ -216,7 +250,7 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
     report: dict[str, Any] = {
-        "samples": {"num": int(len(images)), "shape": list(images.shape[1:]), **provenance},
+        "samples": {"num": int(len(images)), "shape": list(images.shape[1:]), **samples_info},
         "data": {
             "train": real_train.summary(), "test": real_test.summary(), "num_test": len(real_test),
             "test_images_in_train": overlap, "public": None if public is None else public.summary(),
@@ -253,9 +287,7 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
         (public.images,
          public.labels), public_mix=config.eval.public_mix is not False, progress=progress)
     report["downstream"]["recipe_overrides"] = sorted(recipe_overrides(config))
-    privacy_path = os.path.join(workdir, PRIVACY_JSON)
-    report["privacy"] = (json.loads(storage.read_text(privacy_path))["guarantee"]
-                         if os.path.exists(privacy_path) else None)
+    report["privacy"] = privacy
     storage.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     text = format_summary(report)
     storage.write_text(os.path.join(out_dir, "summary.txt"), text)
@@ -272,6 +304,12 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{tuple(report['samples']['shape'])}"
         f"{f', from checkpoint step {step}' if step is not None else ''}"
     ]
+    source = report["samples"].get("source")
+    if source:
+        part = report["samples"].get("part")
+        lines.append(f"  read from the published set {source}" +
+                     (f" (part {part} of {report['samples'].get('num_parts')} only)"
+                      if part is not None else ""))
     p = report["privacy"]
     if p:
         lines.append(f"Privacy of the model that made them: ({p['epsilon_pld']:.3f}, "
@@ -279,7 +317,8 @@ def format_summary(report: dict[str, Any]) -> str:
         if p.get("delta_warning"):
             lines.append(f"WARNING: {p['delta_warning']}.")
     else:
-        lines.append("Privacy: no privacy_report.json in the workdir (a non-private run?)")
+        lines.append("Privacy: none recorded in the published set (a non-private run?)" if source
+                     else "Privacy: no privacy_report.json in the workdir (a non-private run?)")
     if report["fid"]:
         f = report["fid"]
         lines.append(f"FID: {f['fid']:.2f} ({f['num_synthetic']} synthetic vs "

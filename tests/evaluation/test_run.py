@@ -241,6 +241,41 @@ def test_evaluate_without_samples_says_what_to_run(tmp_path):
         run_lib.evaluate_workdir(get_config(), str(tmp_path))
 
 
+def test_evaluate_a_published_set_with_the_guarantee_its_provenance_records(tmp_path,
+                                                                            stub_downstream):
+    """`eval.samples_npz`: the set and its privacy guarantee come from the published parts, not
+    from the workdir (which may hold another run's report, or nothing)."""
+    guarantee = {"epsilon_pld": 9.99, "epsilon_rdp": 12.4, "delta": 1e-5}
+    folder = tmp_path / "published"
+    folder.mkdir()
+    for part, value in enumerate((40, 200)):
+        np.savez(folder / f"part-{part:05d}.npz", images=np.full((3, 8, 8, 1), value, np.uint8),
+                 labels=[0, 1, 0], provenance=json.dumps({
+                     "dataset": "image_folder", "checkpoint_step": 150, "phase": "dp",
+                     "privacy_guarantee": guarantee, "part": part, "num_parts": 2}))
+    train_dir = _folder(tmp_path / "train", {"a": 10, "b": 200})
+    config = _folder_config(train_dir, _folder(tmp_path / "test", {"a": 11, "b": 100}))
+    config.eval.samples_npz = str(folder)
+    workdir = tmp_path / "run"
+    _write_samples(workdir, step=3)  # ignored: another run's samples and guarantee
+    (workdir / "privacy_report.json").write_text(json.dumps({"guarantee": {"epsilon_pld": 1.0}}))
+    report = run_lib.evaluate_workdir(config, str(workdir))
+    assert report["samples"] == {"num": 6, "shape": [8, 8, 1], "source": str(folder),
+                                 "checkpoint_step": 150, "phase": "dp"}
+    assert report["privacy"] == guarantee
+    summary = (workdir / "eval" / "summary.txt").read_text()
+    assert f"read from the published set {folder}" in summary and "(9.990, 1.0e-05)-DP" in summary
+    config.eval.samples_npz = str(folder / "part-00001.npz")  # one part: the report says so
+    report = run_lib.evaluate_workdir(config, str(tmp_path / "elsewhere"))
+    assert report["samples"]["num"] == 3 and report["samples"]["part"] == 1
+    assert "(part 1 of 2 only)" in (tmp_path / "elsewhere" / "eval" / "summary.txt").read_text()
+    config.data.name, config.data.data_dir = "digits", None  # a set of another dataset
+    config.data.test_dir = None
+    config.eval.samples_npz = str(folder)
+    with pytest.raises(ValueError, match="holds samples of dataset 'image_folder'"):
+        run_lib.evaluate_workdir(config, str(workdir))
+
+
 # --- the real public part of a public/private split -------------------------------------------
 
 
