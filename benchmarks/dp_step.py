@@ -57,6 +57,7 @@ import optax
 
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jaxdpdm  # noqa: E402
 from jaxdpdm import diffusion, parallel  # noqa: E402
 from jaxdpdm.dp import dp_aggregate, per_example_keys  # noqa: E402
 from jaxdpdm.models import count_params, unet  # noqa: E402
@@ -435,7 +436,10 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax": jax.__version__, "python": platform.python_version(),
         "backend": jax.default_backend(), "device": str(getattr(device, "device_kind", device)),
-        "num_devices": jax.device_count(), "cpu_count": os.cpu_count()
+        "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+        # jaxdpdm's import-time defaults (jaxdpdm/__init__.py): XLA:CPU flags, glibc malloc.
+        "xla_defaults": jaxdpdm.XLA_DEFAULTS_APPLIED,
+        "malloc_defaults": jaxdpdm.MALLOC_DEFAULTS_APPLIED,
     }
     if hasattr(os, "getloadavg"):
         env["loadavg"] = [round(x, 2) for x in os.getloadavg()]

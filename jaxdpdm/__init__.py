@@ -14,11 +14,19 @@ and `JAXDPDM_XLA_DEFAULTS=0` turns the defaults off altogether. The flags touch 
 GPU and TPU programs are unchanged. They are applied only with the jaxlib releases they were
 measured on (`TESTED_JAXLIB_PREFIXES`): XLA aborts the process on a flag it does not know, and
 experimental flags are renamed or removed between releases.
+
+Host memory. On a CPU host, importing jaxdpdm also sets glibc's malloc up so that XLA:CPU
+reuses its per-call working memory instead of having the kernel fault it in afresh on every
+call (`jaxdpdm.host_malloc`: why, what it costs, and when it is left out;
+`JAXDPDM_MALLOC_DEFAULTS=0` turns it off). Same timing rule as the flags: import jaxdpdm before
+running any JAX computation.
 """
 
 import os
 import sys
 from importlib import metadata
+
+from jaxdpdm import host_malloc
 
 __version__ = "0.1.0"
 
@@ -50,11 +58,16 @@ def _apply_default_xla_flags() -> bool:
         return False
     if not jaxlib_version.startswith(TESTED_JAXLIB_PREFIXES):
         return False
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    if bridge is not None and bridge.backends_are_initialized():
+    if _backends_exist():
         return False
     os.environ["XLA_FLAGS"] = xla_flags_with_defaults(os.environ.get("XLA_FLAGS", ""))
     return True
 
 
+def _backends_exist() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bridge is not None and bridge.backends_are_initialized()
+
+
 XLA_DEFAULTS_APPLIED = _apply_default_xla_flags()
+MALLOC_DEFAULTS_APPLIED = not _backends_exist() and host_malloc.apply()

@@ -1,0 +1,92 @@
+"""jaxdpdm.host_malloc: when the malloc settings apply, and what they change (page faults only)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxdpdm import host_malloc
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, False),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, True),
+    ({"GLIBC_TUNABLES": "glibc.rtld.x=1:glibc.malloc.tcache_count=0"}, True),
+    ({"MALLOC_ARENA_MAX": "2"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, True),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, True),
+    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, True),
+    ({"LD_PRELOAD": "libfoo.so"}, False),
+])
+def test_user_tunes_malloc(environ, expected):
+    assert host_malloc.user_tunes_malloc(environ) is expected
+
+
+@pytest.mark.parametrize("environ, nodes, expected", [
+    ({}, (), True),
+    ({}, ("/dev/nvidia0",), False),
+    ({}, ("/dev/accel0",), False),
+    ({}, ("/dev/vfio",), False),
+    ({"JAX_PLATFORMS": "cpu"}, ("/dev/nvidia0",), True),
+    ({"JAX_PLATFORMS": " CPU , cuda"}, (), True),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, (), False),
+    ({"JAX_PLATFORMS": "tpu"}, (), False),
+    ({"JAX_PLATFORMS": ""}, ("/dev/accel0",), False),
+])
+def test_computes_on_cpu(environ, nodes, expected):
+    assert host_malloc.computes_on_cpu(environ, exists=lambda path: path in nodes) is expected
+
+
+@pytest.mark.parametrize("environ", [
+    {"JAXDPDM_MALLOC_DEFAULTS": "0"},
+    {"MALLOC_ARENA_MAX": "8"},
+    {"JAX_PLATFORMS": "cuda"},
+])
+def test_apply_leaves_malloc_alone(environ):
+    assert host_malloc.apply(environ) is False
+
+
+# A jitted program whose working memory (two f32[8192, 2048] intermediates, 64 MiB each) is
+# far above glibc's 32 MB mmap ceiling: with glibc's defaults it is mapped and faulted in afresh
+# on every call. Prints MALLOC_DEFAULTS_APPLIED, minor page faults per call, and the output.
+_PROBE = """
+import json, resource
+import jaxdpdm, jax, jax.numpy as jnp, numpy as np
+
+@jax.jit
+def f(x, w):
+    loss = lambda w: jnp.sum(jnp.tanh(x @ w) ** 2)
+    return jnp.sum(jnp.tanh(x @ w), axis=0) + jnp.sum(jax.grad(loss)(w))
+
+x = jax.random.normal(jax.random.key(0), (8192, 64))
+w = jax.random.normal(jax.random.key(1), (64, 2048)) / 8
+f(x, w).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    out = f(x, w).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
+print(json.dumps([jaxdpdm.MALLOC_DEFAULTS_APPLIED, faults, np.asarray(out).tolist()]))
+"""
+
+
+def _probe(**env):
+    clean = {k: v for k, v in os.environ.items()
+             if not host_malloc.user_tunes_malloc({k: v}) and k != "JAXDPDM_MALLOC_DEFAULTS"}
+    result = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env},
+                            capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                    reason="the settings are glibc's")
+def test_settings_stop_the_refaulting_and_change_no_number():
+    applied, faults_on, out_on = _probe(JAX_PLATFORMS="cpu")
+    skipped, faults_off, out_off = _probe(JAX_PLATFORMS="cpu", JAXDPDM_MALLOC_DEFAULTS="0")
+    assert (applied, skipped) == (True, False)
+    pages = 2 * 8192 * 2048 * 4 // os.sysconf("SC_PAGE_SIZE")  # the two intermediates
+    assert faults_off > 0.8 * pages  # glibc's defaults: the working memory is faulted in anew
+    assert faults_on < 0.5 * faults_off  # reused (what remains is the kernel's own reclaim)
+    assert out_on == out_off  # bit for bit: only where the memory comes from changed
