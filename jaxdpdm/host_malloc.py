@@ -13,7 +13,10 @@ What: one malloc arena (`M_ARENA_MAX=1`: the main arena grows with brk and has n
 no mmap-ed blocks (`M_MMAP_MAX=0`), and no trimming of the heap's free top
 (`M_TRIM_THRESHOLD=2**31-1`), so the buffer freed by one call is reused by the next. The cost
 is that the heap keeps its high-water mark (freed memory is reused, not returned to the
-system). Numbers, gradients and samples do not change: only where memory comes from.
+system). Numbers, gradients and samples do not change: only where memory comes from. Measured on
+2 cores only: on a many-core CPU host, threads that allocate large blocks at once wait for the
+one arena's lock (glibc's per-thread cache serves small blocks without it); compare with
+`JAXDPDM_MALLOC_DEFAULTS=0` there.
 
 When: `apply()` runs when jaxdpdm is imported. It changes nothing (and returns False) when
 the user opted out (`JAXDPDM_MALLOC_DEFAULTS=0`), when the user already tunes malloc
