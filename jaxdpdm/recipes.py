@@ -245,8 +245,8 @@ def fashion_mnist_base(subset: str) -> ml_collections.ConfigDict:
     # ours (DPDM's CNN recipe trains 20): with 20 epochs the synthetic validation accuracy and the
     # selection metric were still rising; 40 raised the selection metric from 86.7% to 88.3% and
     # 87.8% on two 50,000-sample sets (benchmarks/RESULTS.md section 18). The public-only and
-    # public + synthetic classifiers train 40 too. Evaluation then takes about 70 min on a 2-core
-    # CPU (33 min with eval.public_mix=False).
+    # public + synthetic classifiers train 40 too. Evaluation then takes about 45 min on a 2-core
+    # CPU (20 min with eval.public_mix=False; 70 / 33 min before jaxdpdm/host_malloc.py).
     e.classifier_epochs = 40
     # The real-data reference classifier costs 9x the synthetic one on a CPU (54,000 images);
     # turn it on with --config.eval.train_real_reference=True.
