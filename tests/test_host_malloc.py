@@ -51,7 +51,7 @@ def test_apply_leaves_malloc_alone(environ):
 
 # A jitted program whose working memory (two f32[8192, 2048] intermediates, 64 MiB each) is
 # far above glibc's 32 MB mmap ceiling: with glibc's defaults it is mapped and faulted in afresh
-# on every call. Prints MALLOC_DEFAULTS_APPLIED, minor page faults per call, and the output.
+# on every call. Prints MALLOC_DEFAULTS_APPLIED, the minor page faults of each call, the output.
 _PROBE = """
 import json, resource
 import jaxdpdm, jax, jax.numpy as jnp, numpy as np
@@ -63,11 +63,13 @@ def f(x, w):
 
 x = jax.random.normal(jax.random.key(0), (8192, 64))
 w = jax.random.normal(jax.random.key(1), (64, 2048)) / 8
-f(x, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+for _ in range(3):  # compile, then let the heap grow towards its high-water mark
+    f(x, w).block_until_ready()
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = f(x, w).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps([jaxdpdm.MALLOC_DEFAULTS_APPLIED, faults, np.asarray(out).tolist()]))
 """
 
@@ -91,8 +93,12 @@ def test_settings_stop_the_refaulting_and_change_no_number():
     skipped, faults_off, out_off = _probe(JAX_PLATFORMS="cpu", JAXDPDM_MALLOC_DEFAULTS="0")
     assert (applied, skipped) == (True, False)
     pages = 2 * 8192 * 2048 * 4 // os.sysconf("SC_PAGE_SIZE")  # the two intermediates
-    assert faults_off > 0.8 * pages  # glibc's defaults: the working memory is faulted in anew
-    assert faults_on < 0.5 * faults_off  # reused (a remainder, not traced, varies by run)
+    # glibc's defaults: every call faults its working memory in anew.
+    assert min(faults_off) > 0.8 * pages
+    # The settings: calls reuse the freed memory and fault nothing. Some calls still fault a
+    # whole buffer in while the heap grows to its high-water mark (more often under load), so
+    # the check is that reuse happens at all, not that it always does.
+    assert min(faults_on) < 0.05 * pages
     assert out_on == out_off  # bit for bit: only where the memory comes from changed
 
 
