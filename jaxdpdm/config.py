@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxdpdm.evaluation.label_consistency import LABEL_CLASSIFIERS
+from jaxdpdm.models.layers import CONV_IMPLS
 
 PHASES = ("dp", "pretrain")
 SAMPLERS = ("ddim", "ddpm")
@@ -151,6 +152,13 @@ def get_config(arg=None):
     # Regular expression over parameter paths ("Block_0/Conv_0/kernel"): only matching parameters
     # are trained (and noised). None trains all parameters.
     config.dp.trainable = config_dict.placeholder(str)
+    # How the UNet's convolutions compute per-example kernel gradients in DP steps (same values
+    # and mathematics; speed and memory only): "xla" (XLA's own: a grouped convolution under
+    # vmap) or "patch_matmul" (one batched matmul per kernel tap,
+    # `models.layers.conv_patch_matmul_grad`). Which is faster depends on the shapes and the
+    # machine (benchmarks/RESULTS.md section 21); CPU recipes choose by measurement. Non-private
+    # training always uses "xla", the faster one for a batched gradient.
+    config.dp.conv_impl = "xla"
 
     # --- sampling (--mode=sample, and the grids during training) ---
     config.sample = ml_collections.ConfigDict()
@@ -287,6 +295,8 @@ def validate_config(config) -> None:
             f"dp.noise_multiplier must be > 0 in a DP run (or unset, to calibrate it), got "
             f"{p.noise_multiplier}; use phase='pretrain' for non-private training")
         _check(p.accountant in ACCOUNTANTS, f"dp.accountant must be one of {ACCOUNTANTS}")
+        _check(p.conv_impl in CONV_IMPLS,
+               f"dp.conv_impl must be one of {CONV_IMPLS}, got {p.conv_impl!r}")
         _check(
             p.accountant != "pld" or t.num_steps <= MAX_PLD_STEPS,
             f"train.num_steps={t.num_steps:,} is more than {MAX_PLD_STEPS:,} DP steps: the PLD "

@@ -182,7 +182,16 @@ def unet_config(config, num_classes: int) -> UNetConfig:
         num_classes=num_classes if m.class_conditional else None,
         resblock_updown=m.resblock_updown,
         dtype=m.dtype,
+        conv_impl=conv_impl(config),
     )
+
+
+def conv_impl(config) -> str:
+    """`UNetConfig.conv_impl` of the run's training steps: `config.dp.conv_impl` in DP steps,
+    XLA's own otherwise (faster for a batched gradient; benchmarks/RESULTS.md sections 10b and
+    21). Values and gradients are the same for either choice; only speed and memory differ.
+    """
+    return config.dp.conv_impl if config.phase == "dp" else "xla"
 
 
 def timestep_distribution(config) -> diffusion.TimestepDistribution:

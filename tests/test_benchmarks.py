@@ -1,4 +1,4 @@
-"""benchmarks/dp_step.py and benchmarks/gpu_check.{sh,py}: they run, and report what they claim.
+"""benchmarks/dp_step.py, conv_impl.py and gpu_check.{sh,py}: they run, and report what they claim.
 
 No timing is asserted anywhere (the machine is shared); only structure and invariants.
 The GPU check's smoke mode runs in a subprocess through gpu_check.sh, exactly as on the GPU
@@ -173,6 +173,45 @@ def test_dp_step_main_prints_a_table_and_one_json_line(dp_step, monkeypatch, cap
     assert json.loads(lines[-1]) == json.loads(out_file.read_text()) == json.loads(
         json.dumps(result, sort_keys=True))
     assert result["num_params"] == 123 and result["environment"]["jax"] == jax.__version__
+
+
+def test_conv_impl_times_both_implementations_of_a_configs_step(monkeypatch, capsys, tmp_path):
+    """The command line around `dp_step.Bench` (which the smoke test above runs for real): the
+    config's model, K and microbatch, one Bench per implementation, steps interleaved, one JSON
+    line, also written to --json-out."""
+    conv_impl = _load("conv_impl")
+    built, calls = [], []
+
+    class FakeBench:
+
+        def __init__(self, config, *, augmult, chunk_rows):
+            built.append((config.conv_impl, config.image_size, augmult, chunk_rows))
+            self.num_params, self.impl = 123, config.conv_impl
+
+        def stepper(self, kind, microbatch):
+            assert microbatch == 8
+            return (lambda: calls.append(f"{kind}/{self.impl}")), 1.5
+
+    monkeypatch.setattr(conv_impl.dp_step, "Bench", FakeBench)
+    config = f"{REPO_ROOT / 'configs' / 'quickstart.py'}:tiny"
+    out_file = tmp_path / "r.json"
+    result = conv_impl.main([f"--config={config}", "--repeats=3", "--nonprivate",
+                             f"--json-out={out_file}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(out_file.read_text())
+    # The :tiny variant's 8x8 images, K = 2, microbatch 8; a step is two microbatches.
+    assert built == [("xla", 8, 2, 16), ("patch_matmul", 8, 2, 16)]
+    names = ["dp/xla", "nonprivate/xla", "dp/patch_matmul", "nonprivate/patch_matmul"]
+    assert calls == names + names * 3  # one warm-up each, then interleaved repeats
+    assert set(result["medians_s"]) == set(names)
+    assert all(len(t) == 3 for t in result["times_s"].values())
+    for kind, ratio in result["ratio_xla_over_patch_matmul"].items():
+        assert ratio == pytest.approx(result["medians_s"][f"{kind}/xla"] /
+                                      result["medians_s"][f"{kind}/patch_matmul"])
+        assert any(line.strip().startswith(f"{kind}: xla / patch_matmul") for line in lines)
+    for bad in (["--batch=12"], ["--repeats=0"]):  # 12 rows are not whole microbatches of 8
+        with pytest.raises(SystemExit):
+            conv_impl.parse_args([f"--config={config}", *bad])
 
 
 def _vs_pytorch():

@@ -145,6 +145,7 @@ INVALID = [
     ("sample.num_samples", 0, "sample.num_samples"),
     ("sample.npz_part_size", 0, "sample.npz_part_size"),
     ("sample.batch_size", 0, "sample.batch_size"),
+    ("dp.conv_impl", "im2col", "dp.conv_impl"),
     ("eval.classifier", "resnet", "eval.classifier"),
     ("eval.augment", "autoaugment", "eval.augment"),
     ("eval.classifier_epochs", 0, "eval.classifier_epochs"),

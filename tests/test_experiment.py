@@ -135,6 +135,42 @@ def test_loss_fn_on_one_example_is_a_finite_scalar(tiny_experiment, tiny_config)
     assert float(values[0]) != float(values[1])
 
 
+@pytest.mark.parametrize("phase, choice, expected", [
+    ("dp", "xla", "xla"),
+    ("dp", "patch_matmul", "patch_matmul"),
+    ("pretrain", "xla", "xla"),
+    ("pretrain", "patch_matmul", "xla"),  # non-private steps always take XLA's gradient
+])
+def test_conv_impl_follows_the_phase_and_the_dp_choice(tiny_config, phase, choice, expected):
+    config = tiny_config()
+    config.phase, config.dp.conv_impl = phase, choice
+    assert experiment.conv_impl(config) == expected
+    assert experiment.unet_config(config, 10).conv_impl == expected
+
+
+def test_conv_impls_give_the_same_per_example_gradients_of_the_loss(tiny_experiment, tiny_config):
+    """The whole per-example loss (UNet with attention, K draws, label dropout) under
+    vmap(grad), as the DP step takes it: both DP conv implementations agree."""
+    rng = np.random.default_rng(1)
+    batch = tiny_experiment.host_batch(np.arange(3))
+    keys = jax.vmap(lambda i: jax.random.fold_in(tiny_experiment.example_key(0), i))(
+        jnp.arange(3))
+    grads = {}
+    for impl in ("xla", "patch_matmul"):
+        config = tiny_config()
+        config.dp.conv_impl = impl
+        exp = experiment.build_experiment(config, num_classes=10)
+        assert exp.unet_config.conv_impl == impl
+        if not grads:  # the same random parameters for both
+            params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                                  jax.eval_shape(exp.init_params))
+        per_example = jax.jit(jax.vmap(jax.grad(exp.loss_fn), (None, 0, 0)))
+        grads[impl] = per_example(params, batch, keys)
+    for a, b in zip(jax.tree.leaves(grads["patch_matmul"]), jax.tree.leaves(grads["xla"])):
+        assert a.shape[0] == 3
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_sampler_follows_config_sample_and_matches_the_generation_path(
         tiny_experiment, tiny_config):
     config = tiny_config()

@@ -115,11 +115,14 @@ def conv_patch_matmul_grad(x: jax.Array, kernel: jax.Array, strides: int,
 
     Why: under `jax.vmap` (per-example gradients for DP-SGD) XLA turns the kernel gradient of a
     convolution into a grouped convolution with one group per example, which XLA:CPU feeds with
-    large layout transposes; here each tap is a batched matmul over examples instead. Measured on
-    CPU (benchmarks/RESULTS.md section 10): no faster than XLA's own gradient for the DP step
-    (1.07x at 16x16, 0.97x at 28x28 on an AVX2 machine) and slower for the non-private one, so
-    it is not the default; on GPU it is unmeasured (`benchmarks/gpu_check.sh --conv`). The tap
-    slices are copied (kh*kw times the layer input) while the kernel gradient is computed.
+    large layout transposes; here each tap is a batched matmul over examples instead. Which is
+    faster depends on the shapes and the machine (benchmarks/RESULTS.md sections 10b and 21; on
+    CPU, `benchmarks/conv_impl.py` compares both for a config): on a 2-core AVX-512 CPU the
+    Fashion-MNIST DP step was 1.32x faster with it and the cpu_small one at 16x16 2x, while
+    cpu_small at 28x28 with 64-example calls was 2.3x slower; non-private steps were slower with
+    it. DP configs choose it with `dp.conv_impl`; on GPU it is unmeasured
+    (`benchmarks/gpu_check.sh --conv`). The tap slices are copied (kh*kw times the layer input)
+    while the kernel gradient is computed.
     """
     return conv_nhwc(x, kernel, strides, padding)
 
