@@ -28,7 +28,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,17 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_interleaved(steps: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Calls every `step()` once per repeat, in turn; returns the seconds of each call."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     kinds = ("dp", "nonprivate") if args.nonprivate else ("dp",)
@@ -94,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in kinds:
             name = f"{kind}/{impl}"
             steps[name], compile_s[name] = bench.stepper(kind, args.microbatch)
-            steps[name]()  # warm-up
-    times = time_interleaved(steps, args.repeats)
+    times = dp_step.time_interleaved(steps, args.repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratios = {kind: medians[f"{kind}/xla"] / medians[f"{kind}/patch_matmul"] for kind in kinds}
     m = args.model

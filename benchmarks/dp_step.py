@@ -388,6 +388,19 @@ class Bench:
                            peak_mib=None if peak is None else peak / MIB)
 
 
+def time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """One warm-up call each, then `repeats` rounds of one timed call of every step in turn."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def compare(bench: Bench, microbatches: list[int], *, nonprivate_microbatch: int, repeats: int,
             chunks: int = 1) -> dict[str, Any]:
     """The non-private step, then the DP step at each microbatch (smallest first).

@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
@@ -356,19 +355,6 @@ def jax_steps(cfg: unet.UNetConfig, batch: int, augmult: int, microbatch: int) -
     }, bench.num_params)
 
 
-def time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
-    """One warm-up call each, then `repeats` rounds of one timed call of every step in turn."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 RATIOS = (("jax_dp", "torch_func_dp"), ("jax_dp", "opacus_dp"),
           ("jax_nonprivate", "torch_nonprivate"), ("jax_dp", "jax_nonprivate"),
           ("torch_func_dp", "torch_nonprivate"), ("opacus_dp", "torch_nonprivate"))
@@ -386,7 +372,7 @@ def run_size(args: argparse.Namespace, image_size: int) -> dict:
     if torch_params != jax_params:
         raise AssertionError(f"PyTorch port has {torch_params} parameters, jaxdpdm {jax_params}")
     steps.update({name: step for name, (_, step) in torch_models.items()})
-    times = time_interleaved(steps, args.repeats)
+    times = dp_step.time_interleaved(steps, args.repeats)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {
         f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS if a in medians and b in medians
