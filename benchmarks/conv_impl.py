@@ -33,10 +33,11 @@ from typing import Any
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
     sys.path.insert(0, os.path.dirname(_HERE))
-if _HERE not in sys.path:  # dp_step and sampler_sweep sit next to this file
+if _HERE not in sys.path:  # dp_step, harness and sampler_sweep sit next to this file
     sys.path.insert(0, _HERE)
 
 import dp_step  # noqa: E402
+import harness  # noqa: E402
 from sampler_sweep import load_config  # noqa: E402
 
 from jaxdpdm import experiment  # noqa: E402
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     kinds = ("dp", "nonprivate") if args.nonprivate else ("dp",)
-    load_before = dp_step.environment().get("loadavg")
+    load_before = harness.environment().get("loadavg")
     steps, compile_s = {}, {}
     for impl in CONV_IMPLS:
         bench = dp_step.Bench(dataclasses.replace(args.model, conv_impl=impl),
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in kinds:
             name = f"{kind}/{impl}"
             steps[name], compile_s[name] = bench.stepper(kind, args.microbatch)
-    times = dp_step.time_interleaved(steps, args.repeats)
+    times = harness.time_interleaved(steps, args.repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratios = {kind: medians[f"{kind}/xla"] / medians[f"{kind}/patch_matmul"] for kind in kinds}
     m = args.model
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind, ratio in ratios.items():
         faster = "patch_matmul" if ratio > 1 else "xla"
         print(f"  {kind}: xla / patch_matmul = {ratio:.2f} ({faster} is faster)")
-    env = dp_step.environment()
+    env = harness.environment()
     env["loadavg"] = (load_before or []) + (env.get("loadavg") or [])
     result = {
         "benchmark": "conv_impl", "argv": sys.argv[1:] if argv is None else list(argv),
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env, "times_s": times, "medians_s": medians, "compile_s": compile_s,
         "ratio_xla_over_patch_matmul": ratios
     }
-    dp_step.emit_json(result, args.json_out)
+    harness.emit_json(result, args.json_out)
     return result
 
 

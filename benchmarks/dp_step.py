@@ -29,9 +29,10 @@ training). The microbatches live on the device before timing, so host-to-device 
 timed. Everything runs on ONE device (`jax.devices()[0]`): numbers are per chip.
 
 Memory: `xla_mib` is the footprint of the gradient program of one microbatch (arguments +
-outputs + temporaries, from XLA's memory analysis; every backend): compare programs with it. `peak_mib` is the device
-allocator's peak (`memory_stats()`, GPU/TPU only) after the measurement; JAX cannot reset it, so
-it is the process peak so far (DP programs run by increasing microbatch, so it grows with them).
+outputs + temporaries, from XLA's memory analysis; every backend): compare programs with it.
+`peak_mib` is the device allocator's peak (`memory_stats()`, GPU/TPU only) after the
+measurement; JAX cannot reset it, so it is the process peak so far (DP programs run by increasing
+microbatch, so it grows with them).
 
 Output: a compact table, then one JSON line (also written to --json-out if given).
 Used by benchmarks/gpu_check.py, which imports the `Bench` class.
@@ -41,10 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,9 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jaxdpdm  # noqa: E402
+    sys.path.insert(0, os.path.dirname(_HERE))
+if _HERE not in sys.path:  # harness sits next to this file (not an installed package)
+    sys.path.insert(0, _HERE)
+import harness  # noqa: E402
 from jaxdpdm import diffusion, parallel  # noqa: E402
 from jaxdpdm.dp import dp_aggregate, per_example_keys  # noqa: E402
 from jaxdpdm.models import count_params, unet  # noqa: E402
@@ -388,19 +389,6 @@ class Bench:
                            peak_mib=None if peak is None else peak / MIB)
 
 
-def time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
-    """One warm-up call each, then `repeats` rounds of one timed call of every step in turn."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def compare(bench: Bench, microbatches: list[int], *, nonprivate_microbatch: int, repeats: int,
             chunks: int = 1) -> dict[str, Any]:
     """The non-private step, then the DP step at each microbatch (smallest first).
@@ -442,33 +430,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    """Where the numbers come from: versions, device, date, host load."""
-    device = jax.devices()[0]
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax": jax.__version__, "python": platform.python_version(),
-        "backend": jax.default_backend(), "device": str(getattr(device, "device_kind", device)),
-        "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-        # jaxdpdm's import-time defaults (jaxdpdm/__init__.py): XLA:CPU flags, glibc malloc.
-        "xla_defaults": jaxdpdm.XLA_DEFAULTS_APPLIED,
-        "malloc_defaults": jaxdpdm.MALLOC_DEFAULTS_APPLIED,
-    }
-    if hasattr(os, "getloadavg"):
-        env["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    return env
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -479,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--chunks=1)")
     parser.add_argument("--chunks", type=int, default=1,
                         help="chunks per logical batch (logical batch = chunks x batch)")
-    parser.add_argument("--microbatch", type=_int_list, default=[16, 64],
+    parser.add_argument("--microbatch", type=harness.int_list, default=[16, 64],
                         help="DP microbatch sizes, comma-separated; each divides --batch")
     parser.add_argument("--nonprivate-microbatch", type=int, default=None,
                         help="microbatch of the non-private step (default: largest --microbatch)")
@@ -497,16 +458,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def emit_json(result: dict, path: str | None) -> None:
-    """Prints `result` as one sorted JSON line (the machine-readable record) and writes it to
-    `path` too when one is given."""
-    line = json.dumps(result, sort_keys=True)
-    print(line)
-    if path:
-        with open(path, "w") as f:
-            f.write(line + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     config = model_config(args.preset, args.image_size, args.dtype)
@@ -516,12 +467,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "dp_step", "argv": sys.argv[1:] if argv is None else list(argv),
         "preset": args.preset, "image_size": config.image_size, "num_params": bench.num_params,
-        "environment": environment(), **result
+        "environment": harness.environment(), **result
     }
     print(f"{args.preset} {config.image_size}x{config.image_size}, {bench.num_params:,} params, "
           f"K={args.augmult}, {args.repeats} repeats, median; ratio = DP / non-private")
     print(format_table(result))
-    emit_json(result, args.json_out)
+    harness.emit_json(result, args.json_out)
     return result
 
 

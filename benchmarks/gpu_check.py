@@ -87,6 +87,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import dp_step  # noqa: E402
+import harness  # noqa: E402
 from jaxdpdm import diffusion, parallel, sampling  # noqa: E402
 from jaxdpdm.dp import dp_aggregate  # noqa: E402
 from jaxdpdm.models import unet  # noqa: E402
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             (True, True): CONV_SMOKE}[(args.smoke, args.conv)]
     budget = plan.budget_s if args.budget_s is None else args.budget_s
     start = time.perf_counter()
-    env = dp_step.environment()
+    env = harness.environment()
     env.update(accounting_available=ACCOUNTING_AVAILABLE, xla_flags=os.environ.get("XLA_FLAGS", ""))
     mode = ("conv_" if args.conv else "") + ("smoke" if args.smoke else "full")
     results = {

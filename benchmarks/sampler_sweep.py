@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import runpy
 import sys
@@ -35,8 +33,12 @@ import time
 import jax
 import numpy as np
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(_HERE))
+if _HERE not in sys.path:  # harness sits next to this file (not an installed package)
+    sys.path.insert(0, _HERE)
+import harness  # noqa: E402
 from jaxdpdm import sampling  # noqa: E402
 from jaxdpdm.data import load_dataset  # noqa: E402
 from jaxdpdm.evaluation import classifier_training, label_consistency  # noqa: E402
@@ -131,13 +133,9 @@ def main(argv=None) -> int:
     doc = {
         "config": args.config, "workdir": args.workdir, "checkpoint_step": meta["step"],
         "num_public": len(public), "recipe": dataclasses.asdict(recipe),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg": os.getloadavg(), "results": results
+        "environment": harness.environment(), "results": results
     }
-    print(json.dumps(doc))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
+    harness.emit_json(doc, args.json_out)
     return 0
 
 

@@ -36,9 +36,10 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run as a script: use the jaxdpdm of this checkout
     sys.path.insert(0, os.path.dirname(_HERE))
-if _HERE not in sys.path:  # dp_step sits next to this file (not an installed package)
+if _HERE not in sys.path:  # dp_step and harness sit next to this file (not an installed package)
     sys.path.insert(0, _HERE)
 import dp_step  # noqa: E402
+import harness  # noqa: E402
 from jaxdpdm.models import layers, unet  # noqa: E402
 
 try:
@@ -372,7 +373,7 @@ def run_size(args: argparse.Namespace, image_size: int) -> dict:
     if torch_params != jax_params:
         raise AssertionError(f"PyTorch port has {torch_params} parameters, jaxdpdm {jax_params}")
     steps.update({name: step for name, (_, step) in torch_models.items()})
-    times = dp_step.time_interleaved(steps, args.repeats)
+    times = harness.time_interleaved(steps, args.repeats)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {
         f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS if a in medians and b in medians
@@ -386,7 +387,7 @@ def run_size(args: argparse.Namespace, image_size: int) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=unet.PRESET_NAMES, default="cpu_small")
-    parser.add_argument("--image-size", type=dp_step._int_list, default=[16, 28],
+    parser.add_argument("--image-size", type=harness.int_list, default=[16, 28],
                         help="image sizes, comma-separated")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--augmult", type=int, default=4, help="K draws per example")
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if opacus is None:
         print("vs_pytorch: opacus is not installed; the Opacus step is left out")
-    env = dp_step.environment()
+    env = harness.environment()
     env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                opacus=getattr(opacus, "__version__",
                               None), xla_flags=os.environ.get("XLA_FLAGS", ""))
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "preset": args.preset, "conv_impl": conv_impl, "batch": args.batch, "augmult": args.augmult,
         "jax_microbatch": args.jax_microbatch, "environment": env, "results": results
     }
-    dp_step.emit_json(result, args.json_out)
+    harness.emit_json(result, args.json_out)
     return result
 
 
