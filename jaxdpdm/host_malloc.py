@@ -8,17 +8,21 @@ every page of it is zero-filled and faulted in by the kernel on every call. On t
 development machine (benchmarks/RESULTS.md section 19) that was 31-36% of the CPU time of
 pretraining and evaluation (system time) and 17% of DP fine-tuning's; with these settings the
 40-epoch Fashion-MNIST evaluation ran 1.56x faster, pretraining 1.3x, the 28x28 DP step 1.25x
-(1.1x in the trainer).
+(1.1x in the trainer); with trimming off as well (section 23), that DP step 1.3x more with XLA's
+kernel gradient and 3.3x with the matmul one.
 
 What: one malloc arena (`M_ARENA_MAX=1`: the main arena grows with brk and has no size cap),
 no mmap-ed blocks (`M_MMAP_MAX=0`), and no trimming of the heap's free top
-(`M_TRIM_THRESHOLD=2**31-1`), so the buffer freed by one call is reused by the next. The cost
-is that the heap keeps its high-water mark (freed memory is reused, not returned to the
-system): about 1.1 GB more peak resident memory in Fashion-MNIST training, 0.25 GB in its
-evaluation. Numbers, gradients and samples do not change: only where memory comes from. Measured on
-2 cores only: on a many-core CPU host, threads that allocate large blocks at once wait for the
-one arena's lock (glibc's per-thread cache serves small blocks without it); compare with
-`JAXDPDM_MALLOC_DEFAULTS=0` there.
+(`M_TRIM_THRESHOLD=-1`, which glibc documents as "never"), so the buffer freed by one call is
+reused by the next. (The first version set the largest positive threshold mallopt's int takes,
+2 GiB: a call that freed more than that, such as the 7-10 GB working memory of a 28x28 DP
+gradient call of the 439,505-parameter UNet, gave the excess back and faulted it in again on the
+next call; RESULTS.md section 23.) The cost is that the heap keeps its high-water mark (freed
+memory is reused, not returned to the system): about 1.1 GB more peak resident memory in
+Fashion-MNIST training, 0.25 GB in its evaluation. Numbers, gradients and samples do not change:
+only where memory comes from. Measured on 2 cores only: on a many-core CPU host, threads that
+allocate large blocks at once wait for the one arena's lock (glibc's per-thread cache serves
+small blocks without it); compare with `JAXDPDM_MALLOC_DEFAULTS=0` there.
 
 When: `apply()` runs when jaxdpdm is imported. It changes nothing (and returns False) when
 the user opted out (`JAXDPDM_MALLOC_DEFAULTS=0`), when the user already tunes malloc
@@ -40,7 +44,8 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# M_TRIM_THRESHOLD takes an int; -1 (SIZE_MAX inside glibc) turns trimming off altogether.
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 # glibc's malloc environment variables (aliases of its glibc.malloc tunables).
 _GLIBC_MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_MMAP_MAX_",

@@ -107,3 +107,26 @@ def test_too_late_once_a_backend_exists():
     code = ("import jax; jax.numpy.ones(1).block_until_ready(); import jaxdpdm; "
             "print(jaxdpdm.MALLOC_DEFAULTS_APPLIED)")
     assert _run_python(code, JAX_PLATFORMS="cpu").split()[-1] == "False"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                    reason="the settings are glibc's")
+def test_the_heap_is_never_trimmed_however_much_is_freed():
+    """A freed block larger than any positive int threshold (2 GiB) stays in the heap: the
+    program break does not move back. (Allocated, never touched: no page is faulted in.)"""
+    code = """
+import ctypes, json
+import jaxdpdm
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+libc.sbrk.argtypes = [ctypes.c_long]
+block = libc.malloc(5 * 2**29)  # 2.5 GiB
+grown = libc.sbrk(0)
+libc.free(block)
+print(json.dumps([jaxdpdm.MALLOC_DEFAULTS_APPLIED, block is not None, grown - libc.sbrk(0)]))
+"""
+    out = _run_python(code, JAX_PLATFORMS="cpu")
+    applied, allocated, given_back = json.loads(out.splitlines()[-1])
+    assert applied and allocated
+    assert given_back == 0
