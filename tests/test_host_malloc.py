@@ -9,6 +9,10 @@ import pytest
 
 from jaxdpdm import host_malloc
 
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="the settings are glibc's")
+
 
 @pytest.mark.parametrize("environ, expected", [
     ({}, False),
@@ -86,8 +90,7 @@ def _probe(**env):
     return json.loads(_run_python(_PROBE, **env).strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                    reason="the settings are glibc's")
+@glibc_only
 def test_settings_stop_the_refaulting_and_change_no_number():
     applied, faults_on, out_on = _probe(JAX_PLATFORMS="cpu")
     skipped, faults_off, out_off = _probe(JAX_PLATFORMS="cpu", JAXDPDM_MALLOC_DEFAULTS="0")
@@ -109,8 +112,7 @@ def test_too_late_once_a_backend_exists():
     assert _run_python(code, JAX_PLATFORMS="cpu").split()[-1] == "False"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                    reason="the settings are glibc's")
+@glibc_only
 def test_the_heap_is_never_trimmed_however_much_is_freed():
     """A freed block larger than any positive int threshold (2 GiB) stays in the heap: the
     program break does not move back. (Allocated, never touched: no page is faulted in.)"""
