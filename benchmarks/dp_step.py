@@ -251,6 +251,24 @@ class Bench:
     def has_program(self, kind: str, microbatch: int) -> bool:
         return (kind, microbatch) in self._programs
 
+    def lowered(self, kind: str, microbatch: int) -> tuple[Any, tuple]:
+        """`(lowered, args)`: the gradient program of one microbatch traced and lowered, not yet
+        compiled, and the arguments to call its compiled form with (see `program`)."""
+        if self.chunk_rows % microbatch:
+            raise ValueError(f"chunk of {self.chunk_rows} rows is not a multiple of microbatch "
+                             f"{microbatch}")
+        batch, mask = self.microbatches(microbatch)[0]
+        if kind == "dp":
+            step = parallel.make_dp_step(self.loss_fn, self._optimizer(kind),
+                                         clip_norm=self.clip_norm, microbatch_size=microbatch,
+                                         mesh=self.mesh)
+            args = (self.params, batch, mask, self.key)
+            return step.accumulate.lower(*args), args
+        if kind == "nonprivate":
+            args = (self.params, batch, self.key)
+            return make_nonprivate_accumulate(self.loss_fn).lower(*args), args
+        raise ValueError(f"kind must be 'dp' or 'nonprivate'; got {kind!r}")
+
     def program(self, kind: str, microbatch: int) -> Program:
         """The compiled gradient program of one microbatch (cached), AOT so compile time is its own.
 
@@ -260,21 +278,8 @@ class Bench:
         """
         if (kind, microbatch) in self._programs:
             return self._programs[(kind, microbatch)]
-        if self.chunk_rows % microbatch:
-            raise ValueError(f"chunk of {self.chunk_rows} rows is not a multiple of microbatch "
-                             f"{microbatch}")
-        batch, mask = self.microbatches(microbatch)[0]
         start = time.perf_counter()
-        if kind == "dp":
-            step = parallel.make_dp_step(self.loss_fn, self._optimizer(kind),
-                                         clip_norm=self.clip_norm, microbatch_size=microbatch,
-                                         mesh=self.mesh)
-            compiled = step.accumulate.lower(self.params, batch, mask, self.key).compile()
-        elif kind == "nonprivate":
-            acc_fn = make_nonprivate_accumulate(self.loss_fn)
-            compiled = acc_fn.lower(self.params, batch, self.key).compile()
-        else:
-            raise ValueError(f"kind must be 'dp' or 'nonprivate'; got {kind!r}")
+        compiled = self.lowered(kind, microbatch)[0].compile()
         program = Program(compiled, time.perf_counter() - start, compiled_footprint(compiled))
         self._programs[(kind, microbatch)] = program
         return program

@@ -1,8 +1,8 @@
 """What every benchmark here shares: the record of where a number came from, interleaved timing,
 the one-line JSON output, and a comma-separated-integers argument type.
 
-Imported by dp_step.py, conv_impl.py, vs_pytorch.py, gpu_check.py and sampler_sweep.py (this
-folder is not an installed package: each puts it on `sys.path`).
+Imported by dp_step.py, conv_impl.py, vs_pytorch.py, gpu_check.py, sampler_sweep.py and
+xla_options.py (this folder is not an installed package: each puts it on `sys.path`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""benchmarks/dp_step.py, conv_impl.py and gpu_check.{sh,py}: they run, and report what they claim.
+"""benchmarks/dp_step.py, conv_impl.py, xla_options.py and gpu_check.{sh,py}: they run, and report
+what they claim.
 
 No timing is asserted anywhere (the machine is shared); only structure and invariants.
 The GPU check's smoke mode runs in a subprocess through gpu_check.sh, exactly as on the GPU
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxdpdm
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -271,3 +274,45 @@ def test_vs_pytorch_torch_steps_run_and_train():
         # The DP steps' noise moves every parameter; without noise, the zero-initialised last
         # convs leave some gradients exactly zero at the first step.
         assert all(changed) if name.endswith("_dp") else any(changed), name
+
+
+def test_xla_options_compiles_each_candidate_and_reports_speedups(capsys, tmp_path):
+    """Real programs of the quickstart's :tiny variant (the two cheapest to compile): one compiled
+    program per candidate, each timed; the option reaches the compiler (the programs differ) and
+    changes no value."""
+    import jaxlib
+    if not jaxlib.__version__.startswith(jaxdpdm.TESTED_JAXLIB_PREFIXES):
+        pytest.skip("the YNNPACK option is known only to the jaxlib releases jaxdpdm was measured on")
+    xo = _load("xla_options")
+    assert xo.compiler_option(" dot, reduce") == {
+        xo.OPTION: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    }
+    assert xo.compiler_option("env") == {}
+    for bad in ("", "dot,conv"):
+        with pytest.raises(ValueError):
+            xo.compiler_option(bad)
+    config = f"{REPO_ROOT / 'configs' / 'quickstart.py'}:tiny"
+    for bad in (["--candidates=dot;eltwise,matmul"], ["--programs=sample,fid"], ["--repeats=0"]):
+        with pytest.raises(SystemExit):
+            xo.parse_args([f"--config={config}", *bad])
+
+    args = xo.parse_args([f"--config={config}", "--programs=sample,classifier",
+                          "--candidates=dot,eltwise,reduce;dot,reduce"])
+    lowered, call_args = xo.lowered_programs(args)["sample"]
+    compiled = [lowered.compile(compiler_options=xo.compiler_option(c)) for c in args.candidates]
+    texts = [c.as_text() for c in compiled]
+    assert texts[0].count("__ynn_fusion") > texts[1].count("__ynn_fusion")  # eltwise left to XLA
+    np.testing.assert_allclose(compiled[0](*call_args), compiled[1](*call_args), atol=1e-5)
+
+    out_file = tmp_path / "r.json"
+    result = xo.main([f"--config={config}", "--programs=sample,classifier", "--repeats=2",
+                      "--candidates=dot,eltwise,reduce;dot,reduce", f"--json-out={out_file}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(out_file.read_text())
+    names = {f"{p}/{c}" for p in ("sample", "classifier") for c in ("dot,eltwise,reduce",
+                                                                      "dot,reduce")}
+    assert set(result["times_s"]) == names and all(len(t) == 2 for t in result["times_s"].values())
+    for name, speedup in result["speedup_over_first"].items():
+        first = name.split("/")[0] + "/dot,eltwise,reduce"
+        assert speedup == pytest.approx(result["medians_s"][first] / result["medians_s"][name])
+    assert result["speedup_over_first"]["sample/dot,eltwise,reduce"] == 1.0
