@@ -282,7 +282,7 @@ def test_xla_options_compiles_each_candidate_and_reports_speedups(capsys, tmp_pa
     changes no value."""
     import jaxlib
     if not jaxlib.__version__.startswith(jaxdpdm.TESTED_JAXLIB_PREFIXES):
-        pytest.skip("the YNNPACK option is known only to the jaxlib releases jaxdpdm was measured on")
+        pytest.skip("the YNNPACK option is known only to the jaxlib releases jaxdpdm measured")
     xo = _load("xla_options")
     assert xo.compiler_option(" dot, reduce") == {
         xo.OPTION: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
