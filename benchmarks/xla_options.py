@@ -50,13 +50,12 @@ from sampler_sweep import load_config  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from jaxdpdm import experiment  # noqa: E402
 from jaxdpdm.evaluation import classifier_training  # noqa: E402
 from jaxdpdm.evaluation import run as evaluation_run  # noqa: E402
 from jaxdpdm.models import unet  # noqa: E402
-from jaxdpdm.models.classifiers import classifier_for  # noqa: E402
+from jaxdpdm.models.classifiers import classifier_for, init_classifier  # noqa: E402
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 KINDS = ("dot", "eltwise", "reduce", "individual_convolution", "individual_dot")
@@ -135,10 +134,11 @@ def lowered_programs(args) -> dict[str, tuple[Any, tuple]]:
             recipe.model, args.num_classes, recipe.optimizer, recipe.augment, recipe.crop_padding)
         size, channels, rows = model.image_size, model.in_channels, recipe.batch_size
         module = classifier_for(recipe.model, args.num_classes)
-        params = module.init({"params": jax.random.key(0)}, jnp.zeros((1, size, size, channels)),
-                             train=False)["params"]
+        params = init_classifier(module, jax.random.key(0), (size, size, channels))
+        # The evaluation's own optimizer state (Adam for the CNN, momentum for the WRN).
+        direction = classifier_training._update_direction(recipe.optimizer)  # pylint: disable=W0212
         rng = np.random.default_rng(0)
-        step_args = (params, optax.scale_by_adam().init(params),
+        step_args = (params, direction.init(params),
                      rng.integers(0, 256, (rows, size, size, channels)).astype(np.uint8),
                      np.arange(rows, dtype=np.int32) % args.num_classes,
                      np.arange(rows, dtype=np.int32), jax.random.key(2),
