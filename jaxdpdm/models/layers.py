@@ -72,11 +72,52 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
     return emb
 
 
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+               epsilon: float = 1e-5, dtype: Dtype = None) -> jax.Array:
+    """GroupNorm of each example: `[B, ..., C]` -> same shape, in `dtype` (default x's).
+
+    Per example, the moments are taken over every axis between the first and the last and over
+    the C / `groups` channels of each group, in float32 (variance E[x^2] - E[x]^2 clipped at
+    zero), then each channel is scaled by `scale` `[C]` and shifted by `bias` `[C]`. These are
+    the values of flax's `nn.GroupNorm` (tested equal); the moments are reduced over a
+    `[B, spatial, groups, C / groups]` view, a form XLA:CPU fuses with the normalisation into
+    one pass over the activations, where flax's form gave two (the sampler's UNet forward pass
+    about 1.1x faster on CPU; benchmarks/RESULTS.md section 27).
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"{groups} groups do not divide {channels} channels")
+    x32 = x.astype(jnp.float32)
+    grouped = x32.reshape(batch, -1, groups, channels // groups)
+    mean = grouped.mean(axis=(1, 3))  # [B, groups]
+    var = jnp.maximum(0.0, jnp.square(grouped).mean(axis=(1, 3)) - jnp.square(mean))
+    broadcast_shape = (batch,) + (1,) * (x.ndim - 2) + (channels,)
+
+    def per_channel(stat):  # [B, groups] -> broadcastable against x
+        return jnp.repeat(stat, channels // groups, axis=-1).reshape(broadcast_shape)
+
+    y = (x32 - per_channel(mean)) * (per_channel(jax.lax.rsqrt(var + epsilon)) * scale) + bias
+    return y.astype(dtype if dtype is not None else x.dtype)
+
+
+class _ScaleBias(nn.Module):
+    """The per-channel `scale` (ones) and `bias` (zeros) of a GroupNorm, float32 `[features]`;
+    a submodule named "norm" so parameter paths are those of flax's `nn.GroupNorm` there."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        shape = (self.features,)
+        return (self.param("scale", nn.initializers.ones, shape, jnp.float32),
+                self.param("bias", nn.initializers.zeros, shape, jnp.float32))
+
+
 class GroupNorm(nn.Module):
     """GroupNorm with the group-count rule of `group_norm_groups`; per example, no batch stats.
 
     Attributes:
-        dtype: output dtype (moments are reduced in float32 by flax).
+        dtype: output dtype (moments are reduced in float32).
     """
 
     dtype: Dtype = jnp.float32
@@ -84,13 +125,8 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` (or `[B, L, C]`) -> same shape, normalised over spatial x group."""
-        return nn.GroupNorm(
-            num_groups=group_norm_groups(x.shape[-1]),
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="norm",
-        )(x)
+        scale, bias = _ScaleBias(x.shape[-1], name="norm")()
+        return group_norm(x, scale, bias, group_norm_groups(x.shape[-1]), 1e-5, self.dtype)
 
 
 CONV_IMPLS = ("xla", "patch_matmul")

@@ -1,6 +1,9 @@
-"""Tests of jaxdpdm.models.layers: the GroupNorm group rule, the timestep embedding, the
-shapes of the resampling blocks and the two convolution implementations."""
+"""Tests of jaxdpdm.models.layers: the GroupNorm group rule and values, the timestep embedding,
+the shapes of the resampling blocks and the two convolution implementations."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,7 @@ from jaxdpdm.models.layers import (
     Upsample,
     conv_nhwc,
     conv_patch_matmul_grad,
+    group_norm,
     group_norm_groups,
     timestep_embedding,
 )
@@ -41,6 +45,53 @@ def test_group_norm_is_per_example():
     per_group = np.asarray(out).reshape(3, 16, 8)  # 8 channels -> 8 groups of one channel
     np.testing.assert_allclose(per_group.mean(axis=1), 0.0, atol=1e-5)
     np.testing.assert_allclose(per_group.var(axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("shape", [(3, 5, 5, 48), (2, 4, 4, 8), (2, 7, 64), (1, 3, 3, 40)])
+def test_group_norm_matches_flax_values_and_gradients(shape, seed):
+    """Same parameters (paths, shapes, init) as flax's nn.GroupNorm inside, and the same values,
+    batched gradients and per-example (vmap) gradients, on random inputs and parameters."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], shape) * jax.random.uniform(keys[1], (), minval=0.1,
+                                                               maxval=5.0) + seed
+    ours, theirs = GroupNorm(), nn.GroupNorm(num_groups=group_norm_groups(shape[-1]),
+                                             epsilon=1e-5, name="norm")
+    params = ours.init(keys[2], x)["params"]
+    assert jax.tree.map(jnp.shape, params["norm"]) == jax.tree.map(
+        jnp.shape, theirs.init(keys[2], x)["params"])
+    # Random scale and bias, so their gradients are not those of the initial ones.
+    params = {"norm": {"scale": 1 + 0.3 * jax.random.normal(keys[3], shape[-1:]),
+                       "bias": 0.3 * jax.random.normal(keys[4], shape[-1:])}}
+    cotangent = jax.random.normal(keys[4], shape)
+
+    def loss(module, p, x, ct):
+        return jnp.vdot(module.apply({"params": p}, x), ct)
+
+    def loss_theirs(p, x, ct):
+        return loss(theirs, p["norm"], x, ct)
+
+    np.testing.assert_allclose(ours.apply({"params": params}, x),
+                               theirs.apply({"params": params["norm"]}, x), atol=2e-5, rtol=1e-5)
+    batched = (jax.grad(functools.partial(loss, ours), (0, 1))(params, x, cotangent),
+               jax.grad(loss_theirs, (0, 1))(params, x, cotangent))
+    per_example = [
+        jax.vmap(lambda xi, ci, f=f: jax.grad(f, (0, 1))(params, xi[None], ci[None]))(x, cotangent)
+        for f in (functools.partial(loss, ours), loss_theirs)
+    ]
+    for got, want in (batched, per_example):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=5e-5 * (1 + float(jnp.max(jnp.abs(b)))))
+
+
+def test_group_norm_dtype_and_errors():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
+    out = group_norm(x, jnp.ones(8), jnp.zeros(8), 4, dtype=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    assert group_norm(x, jnp.ones(8), jnp.zeros(8), 4).dtype == jnp.bfloat16
+    assert group_norm(x, jnp.ones(8), jnp.zeros(8), 4, dtype=jnp.float32).dtype == jnp.float32
+    with pytest.raises(ValueError, match="do not divide"):
+        group_norm(x, jnp.ones(8), jnp.zeros(8), 3)
 
 
 def test_timestep_embedding_shape_and_values():
