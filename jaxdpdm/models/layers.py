@@ -82,7 +82,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
     the values of flax's `nn.GroupNorm` (tested equal); the moments are reduced over a
     `[B, spatial, groups, C / groups]` view, a form XLA:CPU fuses with the normalisation into
     one pass over the activations, where flax's form gave two (the sampler's UNet forward pass
-    about 1.1x faster on CPU; benchmarks/RESULTS.md section 27).
+    1.05-1.1x faster on CPU; benchmarks/RESULTS.md section 27).
     """
     batch, channels = x.shape[0], x.shape[-1]
     if channels % groups:

@@ -52,7 +52,7 @@ def test_group_norm_is_per_example():
 def test_group_norm_matches_flax_values_and_gradients(shape, seed):
     """Same parameters (paths, shapes, init) as flax's nn.GroupNorm inside, and the same values,
     batched gradients and per-example (vmap) gradients, on random inputs and parameters."""
-    keys = jax.random.split(jax.random.key(seed), 5)
+    keys = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(keys[0], shape) * jax.random.uniform(keys[1], (), minval=0.1,
                                                                maxval=5.0) + seed
     ours, theirs = GroupNorm(), nn.GroupNorm(num_groups=group_norm_groups(shape[-1]),
@@ -63,7 +63,7 @@ def test_group_norm_matches_flax_values_and_gradients(shape, seed):
     # Random scale and bias, so their gradients are not those of the initial ones.
     params = {"norm": {"scale": 1 + 0.3 * jax.random.normal(keys[3], shape[-1:]),
                        "bias": 0.3 * jax.random.normal(keys[4], shape[-1:])}}
-    cotangent = jax.random.normal(keys[4], shape)
+    cotangent = jax.random.normal(keys[5], shape)
 
     def loss(module, p, x, ct):
         return jnp.vdot(module.apply({"params": p}, x), ct)
@@ -85,9 +85,13 @@ def test_group_norm_matches_flax_values_and_gradients(shape, seed):
 
 
 def test_group_norm_dtype_and_errors():
-    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
-    out = group_norm(x, jnp.ones(8), jnp.zeros(8), 4, dtype=jnp.bfloat16)
-    assert out.dtype == jnp.bfloat16
+    x = (3 * jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) + 1).astype(jnp.bfloat16)
+    params = {"scale": jnp.ones(8) * 1.5, "bias": jnp.ones(8) * 0.1}
+    out = GroupNorm(jnp.bfloat16).apply({"params": {"norm": params}}, x)
+    flax_out = nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=jnp.bfloat16,
+                            param_dtype=jnp.float32).apply({"params": params}, x)
+    assert out.dtype == flax_out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), flax_out.astype(jnp.float32), atol=1e-2)
     assert group_norm(x, jnp.ones(8), jnp.zeros(8), 4).dtype == jnp.bfloat16
     assert group_norm(x, jnp.ones(8), jnp.zeros(8), 4, dtype=jnp.float32).dtype == jnp.float32
     with pytest.raises(ValueError, match="do not divide"):
