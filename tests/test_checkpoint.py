@@ -1,6 +1,5 @@
 """Checkpoints: round trips of state + meta, retention, shape checks, and `init_from` loading."""
 
-import gc
 import os
 
 import jax
@@ -11,10 +10,6 @@ import pytest
 
 from jaxdpdm import checkpoint
 from jaxdpdm.checkpoint import CheckpointStore
-
-# A restore that fails (shape mismatch) leaves orbax's pending array reads behind; when collected
-# they report "exception ignored" (coroutine GeneratorExit, "Event loop is closed"). Harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _params(scale: float = 1.0, *, num_labels: int = 11, width: int = 4) -> dict:
@@ -111,7 +106,6 @@ def test_restore_into_a_differently_shaped_target_raises_value_error(saved):
     target["params"]["params"]["Dense_0"]["kernel"] = jnp.zeros((5, 4), jnp.float32)
     with pytest.raises(ValueError, match="does not match"):
         store.restore(target)
-    gc.collect()  # the abandoned reads (see `pytestmark`): report them here, not in another file
 
 
 def test_restore_arrays_needs_no_target(saved):
