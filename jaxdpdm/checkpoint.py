@@ -118,26 +118,56 @@ class CheckpointStore:
         """Restores checkpoint `step` (default: the newest) into the structure of `target`.
 
         Args:
-            target: a pytree of arrays (or `jax.ShapeDtypeStruct`s with shardings) with the structure,
-                shapes, dtypes and shardings the restored state must have.
+            target: a pytree of arrays (or `jax.ShapeDtypeStruct`s with shardings) with the
+                structure, shapes, dtypes and shardings the restored state must have (saved arrays
+                of another dtype are cast to the target's).
 
         Returns:
             `(state, meta)`.
 
         Raises:
-            ValueError: when the saved arrays do not fit `target` (a different model, say).
+            ValueError: when the saved arrays do not fit `target` (a different model, say),
+                naming the first array that is missing, extra or of another shape.
         """
         step = self._resolve_step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        mismatch = f"checkpoint {step} in {self.directory} does not match this model/optimizer"
+        problem = self._layout_problem(step, abstract)
+        if problem is not None:
+            raise ValueError(f"{mismatch}: {problem}")
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                               meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"checkpoint {step} in {self.directory} does not match this model/optimizer: {e}"
-            ) from e
+            raise ValueError(f"{mismatch}: {e}") from e
         return restored["state"], dict(restored["meta"])
+
+    def _layout_problem(self, step: int, abstract: Any) -> str | None:
+        """Why checkpoint `step` cannot fill `abstract`, judged from its metadata alone.
+
+        Compares array names (as `param_path` writes them, so a NamedTuple field and the dict key
+        orbax stores for it agree) and shapes without reading any array: a refused restore then
+        leaves no reads behind and names the first offending array, where orbax's own error names
+        neither and suggests padding. Returns None when the layouts agree or the metadata cannot
+        be read (the restore itself then reports the problem). Dtypes are not compared: orbax
+        casts to the target's.
+        """
+        try:
+            saved = _flatten(self._manager.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 -- no usable metadata: leave the verdict to the restore
+            return None
+        wanted = _flatten(abstract)
+        unmatched = sorted(set(wanted) ^ set(saved))
+        if unmatched:
+            where = "this model/optimizer" if unmatched[0] in wanted else "the checkpoint"
+            return f"array {unmatched[0]!r} is only in {where}"
+        for name, leaf in wanted.items():
+            stored = getattr(saved[name], "shape", None)
+            if stored is not None and tuple(stored) != tuple(leaf.shape):
+                return (f"array {name!r} has shape {tuple(stored)} in the checkpoint and "
+                        f"{tuple(leaf.shape)} here")
+        return None
 
     def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
         """Restores checkpoint `step` without a target (as host numpy arrays), for `init_from`."""

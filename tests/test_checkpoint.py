@@ -13,7 +13,7 @@ from jaxdpdm.checkpoint import CheckpointStore
 
 
 def _params(scale: float = 1.0, *, num_labels: int = 11, width: int = 4) -> dict:
-    """A small UNet-like parameter tree: `params/Dense_0/{bias,kernel}`, `params/label_embed/...`."""
+    """A small UNet-like tree: `params/Dense_0/{bias,kernel}`, `params/label_embed/embedding`."""
     return {
         "params": {
             "Dense_0": {
@@ -100,12 +100,44 @@ def test_restore_meta_defaults_to_the_newest(saved):
     assert store.restore_meta()["note"] == "step 3"
 
 
-def test_restore_into_a_differently_shaped_target_raises_value_error(saved):
+def _reshape_kernel(state):
+    state["params"]["params"]["Dense_0"]["kernel"] = jnp.zeros((5, 4), jnp.float32)
+
+
+def _add_array(state):
+    state["opt_state"][0].mu["params"]["Dense_0"]["extra"] = jnp.zeros((2,), jnp.float32)
+
+
+def _drop_array(state):
+    del state["ema_params"]["params"]["label_embed"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_reshape_kernel, "array 'params/params/Dense_0/kernel' has shape (3, 4) in the checkpoint "
+     "and (5, 4) here"),
+    (_add_array, "array 'opt_state/0/mu/params/Dense_0/extra' is only in this model/optimizer"),
+    (_drop_array, "array 'ema_params/params/label_embed/embedding' is only in the checkpoint"),
+])
+def test_restore_into_a_target_of_another_layout_names_the_first_difference(
+        saved, mutate, message):
     _, store = saved
     target = _state(0)
-    target["params"]["params"]["Dense_0"]["kernel"] = jnp.zeros((5, 4), jnp.float32)
-    with pytest.raises(ValueError, match="does not match"):
+    mutate(target)
+    with pytest.raises(ValueError) as raised:
         store.restore(target)
+    assert str(raised.value).endswith("does not match this model/optimizer: " + message)
+
+
+def test_restore_casts_to_the_target_dtype(saved):
+    """Dtypes are not part of the layout check: the saved float32 arrays fill a bfloat16 target."""
+    _, store = saved
+    target = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
+                          _state(0))
+    state, _ = store.restore(target)
+    assert state["params"]["params"]["Dense_0"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(state["params"]["params"]["Dense_0"]["kernel"], np.float32),
+        np.asarray(_state(3)["params"]["params"]["Dense_0"]["kernel"]))
 
 
 def test_restore_arrays_needs_no_target(saved):
