@@ -133,7 +133,11 @@ class Trainer:
         }
         state = parallel.replicate(state, self.mesh)
         if latest is not None:
-            state, _ = self.store.restore(state, latest)  # proven restorable above
+            try:
+                state, _ = self.store.restore(state, latest)  # proven restorable above
+            except ValueError as e:  # the config's model or optimizer changed since
+                raise ValueError(f"{e}; a run resumes with the model and optimizer it started "
+                                 "with: run it with that config, or use a new workdir") from e
             log.info("resumed from %s at step %d", self.store.directory, latest)
         self.state = state
         self.step = int(state["step"])

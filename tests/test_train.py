@@ -213,6 +213,18 @@ def test_a_changed_dataset_is_refused_on_resume(tmp_path, tiny_config, finished_
         Trainer(config, str(_copy_workdir(workdir, tmp_path / "wd")))
 
 
+def test_a_changed_model_is_refused_on_resume_naming_an_array(tmp_path, tiny_config,
+                                                             finished_run):
+    _, _, workdir = finished_run
+    config = tiny_config()
+    config.model.base_channels = 16  # the tiny preset has 8
+    with pytest.raises(ValueError) as raised:
+        Trainer(config, str(_copy_workdir(workdir, tmp_path / "wd")))
+    message = str(raised.value)
+    assert "does not match this model/optimizer: array '" in message
+    assert "in the checkpoint and" in message and "use a new workdir" in message
+
+
 def test_the_fingerprint_covers_the_content(tiny_config):
     config = tiny_config()
     dataset = build_experiment(config).dataset
