@@ -196,12 +196,16 @@ def get_config(arg=None):
     # shifts ("mnist" augmentation, 2-pixel padding); "wrn16_4": WRN-16-4 with the usual CIFAR
     # recipe, SGD (Nesterov 0.9) 0.1 with cosine decay, weight decay 5e-4, batch 128, 50 epochs,
     # 4-pixel random crops and flips ("cifar"). The four fields below override the recipe when
-    # set; None keeps the recipe's value (the crop padding always stays the recipe's).
+    # set; None keeps the recipe's value (the crop padding always stays the recipe's). The
+    # classifier's seed (its initialisation, shuffling, augmentation and validation hold-out) is
+    # the recipe's 0 unless `classifier_seed` is set: rerun the evaluation with other seeds to see
+    # how much of a difference between two synthetic sets is the classifier's own spread.
     config.eval.classifier = "cnn"
     config.eval.classifier_epochs = config_dict.placeholder(int)
     config.eval.classifier_batch_size = config_dict.placeholder(int)
     config.eval.classifier_learning_rate = config_dict.placeholder(float)
     config.eval.augment = config_dict.placeholder(str)  # "mnist", "cifar" or "none"
+    config.eval.classifier_seed = config_dict.placeholder(int)
     config.eval.train_real_reference = True
     # With data.public_fraction > 0, the real public images also train two more downstream
     # classifiers, tested like the synthetic one: public images only (the baseline) and public
@@ -355,6 +359,8 @@ def validate_config(config) -> None:
            "eval.classifier_batch_size must be unset (the recipe's) or >= 1")
     _check(e.classifier_learning_rate is None or e.classifier_learning_rate > 0,
            "eval.classifier_learning_rate must be unset (the recipe's) or > 0")
+    _check(e.classifier_seed is None or 0 <= e.classifier_seed <= MAX_SEED,
+           "eval.classifier_seed must be unset (the recipe's, 0) or in [0, 2**32 - 1]")
     _check(
         e.public_mix is not True or data.public_fraction > 0,
         "eval.public_mix=True trains on the real public images, but data.public_fraction "

@@ -36,7 +36,7 @@ def test_get_config_returns_a_fresh_config_each_call():
 
 @pytest.mark.parametrize("field", [
     "seed", "init_from", "init_reinit", "dp.noise_multiplier", "dp.trainable", "data.classes",
-    "data.max_examples", "data.data_dir", "eval.inception_weights"
+    "data.max_examples", "data.data_dir", "eval.inception_weights", "eval.classifier_seed"
 ])
 def test_placeholders_are_none_by_default(field):
     node = config_lib.get_config()
@@ -52,6 +52,7 @@ def test_placeholders_are_none_by_default(field):
     ("train.num_steps", 3),
     ("dp.target_epsilon", 1.0),
     ("data.classes", (0, 3)),
+    ("eval.classifier_seed", 2**32 - 1),
 ])
 def test_typed_overrides_are_kept(field, value):
     config = config_lib.get_config()
@@ -151,6 +152,8 @@ INVALID = [
     ("eval.classifier_epochs", 0, "eval.classifier_epochs"),
     ("eval.classifier_batch_size", 0, "eval.classifier_batch_size"),
     ("eval.classifier_learning_rate", 0.0, "eval.classifier_learning_rate"),
+    ("eval.classifier_seed", -1, "eval.classifier_seed"),
+    ("eval.classifier_seed", 2**32, "eval.classifier_seed"),
     ("eval.public_mix", True, "data.public_fraction is 0"),  # the base config has no public part
     # JAX keys keep 32 bits of a seed: 2**32 would silently reuse seed 0's randomness, and
     # 10**23 overflowed inside jax.random.key with a traceback.

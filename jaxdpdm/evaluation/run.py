@@ -118,7 +118,8 @@ def _reference_name(config, dataset_name: str, weights: str) -> str:
 # The eval.* fields that override a field of the classifier's recipe when they are set.
 RECIPE_OVERRIDES = {
     "classifier_epochs": "epochs", "classifier_batch_size": "batch_size",
-    "classifier_learning_rate": "learning_rate", "augment": "augment"
+    "classifier_learning_rate": "learning_rate", "augment": "augment",
+    "classifier_seed": "seed"
 }
 
 

@@ -354,9 +354,10 @@ def test_wrn16_4_gets_the_cifar_recipe_and_set_fields_override_it():
     assert run_lib.downstream_config(config) == wrn and run_lib.recipe_overrides(config) == {}
     config.eval.classifier_epochs, config.eval.augment = 3, "none"
     config.eval.classifier_learning_rate, config.eval.classifier_batch_size = 0.05, 32
+    config.eval.classifier_seed = 7
     assert run_lib.downstream_config(config) == dataclasses.replace(wrn, epochs=3, augment="none",
                                                                     learning_rate=0.05,
-                                                                    batch_size=32)
+                                                                    batch_size=32, seed=7)
     assert run_lib.recipe_overrides(config) == {
-        "epochs": 3, "augment": "none", "learning_rate": 0.05, "batch_size": 32
+        "epochs": 3, "augment": "none", "learning_rate": 0.05, "batch_size": 32, "seed": 7
     }
