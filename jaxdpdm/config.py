@@ -195,11 +195,11 @@ def get_config(arg=None):
     # "cnn": DPDM's (Fashion-)MNIST CNN, Adam 3e-4, constant rate, batch 64, 20 epochs, random
     # shifts ("mnist" augmentation, 2-pixel padding); "wrn16_4": WRN-16-4 with the usual CIFAR
     # recipe, SGD (Nesterov 0.9) 0.1 with cosine decay, weight decay 5e-4, batch 128, 50 epochs,
-    # 4-pixel random crops and flips ("cifar"). The four fields below override the recipe when
-    # set; None keeps the recipe's value (the crop padding always stays the recipe's). The
-    # classifier's seed (its initialisation, shuffling, augmentation and validation hold-out) is
-    # the recipe's 0 unless `classifier_seed` is set: rerun the evaluation with other seeds to see
-    # how much of a difference between two synthetic sets is the classifier's own spread.
+    # 4-pixel random crops and flips ("cifar"). The five fields below override the recipe when
+    # set; None keeps the recipe's value (the crop padding always stays the recipe's). The last,
+    # `classifier_seed`, seeds the classifier's initialisation, shuffling, augmentation and
+    # validation hold-out (the recipe's 0): rerun the evaluation with other seeds to see how much
+    # of a difference between two synthetic sets is the classifier's own spread.
     config.eval.classifier = "cnn"
     config.eval.classifier_epochs = config_dict.placeholder(int)
     config.eval.classifier_batch_size = config_dict.placeholder(int)
