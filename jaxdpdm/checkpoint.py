@@ -158,15 +158,15 @@ class CheckpointStore:
         except Exception:  # noqa: BLE001 -- no usable metadata: leave the verdict to the restore
             return None
         wanted = _flatten(abstract)
-        unmatched = sorted(set(wanted) ^ set(saved))
-        if unmatched:
-            where = "this model/optimizer" if unmatched[0] in wanted else "the checkpoint"
-            return f"array {unmatched[0]!r} is only in {where}"
-        for name, leaf in wanted.items():
-            stored = getattr(saved[name], "shape", None)
-            if stored is not None and tuple(stored) != tuple(leaf.shape):
-                return (f"array {name!r} has shape {tuple(stored)} in the checkpoint and "
-                        f"{tuple(leaf.shape)} here")
+        only_wanted, only_saved, reshaped = _layout_differences(saved, wanted)
+        if only_wanted or only_saved:
+            name = min(only_wanted + only_saved)
+            where = "this model/optimizer" if name in wanted else "the checkpoint"
+            return f"array {name!r} is only in {where}"
+        if reshaped:
+            name = reshaped[0]
+            return (f"array {name!r} has shape {tuple(saved[name].shape)} in the checkpoint and "
+                    f"{tuple(wanted[name].shape)} here")
         return None
 
     def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
@@ -276,26 +276,45 @@ def load_init_params(path: str, template: Any, reinit_pattern: str | None = None
     loaded = _flatten(state["ema_params"])
     fresh = _flatten(template)
     regex = re.compile(reinit_pattern) if reinit_pattern else None
-    extra = sorted(set(loaded) - set(fresh))
+    missing, extra, reshaped = _layout_differences(loaded, fresh)
     if extra:
         raise ValueError(f"init_from={path!r} is incompatible: it has parameter {extra[0]!r}, "
                          "which this model does not have")
-    merged = {}
-    for name, value in fresh.items():
-        if name not in loaded:
-            raise ValueError(f"init_from={path!r} is incompatible: parameter {name!r} is missing")
-        if loaded[name].shape != value.shape:
-            if regex is not None and regex.search(name):
-                merged[name] = value
-                continue
+    if missing:
+        raise ValueError(
+            f"init_from={path!r} is incompatible: parameter {missing[0]!r} is missing")
+    for name in reshaped:
+        if regex is None or not regex.search(name):
             raise ValueError(
                 f"init_from={path!r} is incompatible: parameter {name!r} has shape "
-                f"{tuple(loaded[name].shape)} there and {tuple(value.shape)} here (set "
+                f"{tuple(loaded[name].shape)} there and {tuple(fresh[name].shape)} here (set "
                 "init_reinit to a pattern matching it to re-initialise it instead)")
-        merged[name] = jnp.asarray(loaded[name], value.dtype)
+    merged = {  # a reshaped parameter left here matches init_reinit: it keeps its fresh value
+        name: value if name in reshaped else jnp.asarray(loaded[name], value.dtype)
+        for name, value in fresh.items()
+    }
     leaves_with_path = jax.tree_util.tree_flatten_with_path(template)[0]
     treedef = jax.tree.structure(template)
     return jax.tree.unflatten(treedef, [merged[param_path(p)] for p, _ in leaves_with_path])
+
+
+def _layout_differences(saved: dict[str, Any],
+                        wanted: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Compares two flattened trees (`_flatten`: path -> leaf with a `.shape`).
+
+    Returns:
+      `(only_wanted, only_saved, reshaped)`: the paths only in `wanted` (in its order), only in
+      `saved` (sorted), and in both with different shapes (in `wanted`'s order). A saved leaf
+      without a shape (metadata of a non-array) is not compared.
+    """
+    only_wanted = [name for name in wanted if name not in saved]
+    only_saved = sorted(set(saved) - set(wanted))
+    reshaped = [
+        name for name, leaf in wanted.items()
+        if name in saved and getattr(saved[name], "shape", None) is not None
+        and tuple(saved[name].shape) != tuple(leaf.shape)
+    ]
+    return only_wanted, only_saved, reshaped
 
 
 def _flatten(tree) -> dict[str, Any]:
