@@ -1,8 +1,5 @@
-"""Tests for launch/: the command plans, the dry runs, and the shell the launchers generate.
-
-No cloud and no cluster is needed: `gcloud`, `git`, `srun`, `scontrol`, `sbatch` and the remote
-`python3` are replaced by small fakes on PATH that record their arguments, and the generated shell
-(the TPU workers' scripts, the sbatch script) is run for real by bash.
+"""Tests for launch/tpu_pod.py: the plan, the dry run, a real run against a fake gcloud, and the
+workers' generated shell run by bash (install, start, keep-alive, logs, stop).
 """
 
 from __future__ import annotations
@@ -16,54 +13,23 @@ import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-LAUNCH = REPO / "launch"
-sys.path.insert(0, str(LAUNCH))
-import common  # noqa: E402
-import gpu_node  # noqa: E402
-import slurm  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from launch_harness import (CONFIG, NEEDS_CONFIG, TRICKY, commands_of,  # noqa: E402
+                            common, fake_program, launcher, remote_script)
 import tpu_pod  # noqa: E402
 
-assert pathlib.Path(common.__file__).parent == LAUNCH, "another module named `common` was imported"
+pytestmark = NEEDS_CONFIG
 
-_CONFIGS = sorted((REPO / "configs").glob("*.py"))
-CONFIG = ("configs/default.py" if (REPO / "configs/default.py").is_file() else
-          _CONFIGS[0].relative_to(REPO).as_posix() if _CONFIGS else None)
-pytestmark = pytest.mark.skipif(CONFIG is None, reason="no config file in configs/")
-
-# A value with spaces, both quote kinds and shell metacharacters: it must reach jaxdpdm.main intact.
-TRICKY = """--config.data.name=it's a "b" $HOME `x`; c"""
 TPU_ARGS = [
     "--name=dpdm", "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32",
     f"--config={CONFIG}", "--workdir=gs://bucket/run"
 ]
 HAS_POSIX_PROCS = sys.platform.startswith("linux") and all(
     shutil.which(tool) for tool in ("bash", "setsid", "tar"))
-
-
-def launcher(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(LAUNCH / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-
-
-def commands_of(dry_run_stdout: str) -> list[list[str]]:
-    return [shlex.split(line) for line in dry_run_stdout.splitlines() if not line.startswith("#")]
-
-
-def remote_script(argv: list[str]) -> str:
-    (command,) = [a for a in argv if a.startswith("--command=")]
-    return command[len("--command="):]
-
-
-def fake_program(path: pathlib.Path, body: str) -> None:
-    """Writes an executable Python script (the fakes of gcloud, git, srun, ...)."""
-    path.write_text(f"#!{sys.executable}\nimport json, os, sys, time\n" + textwrap.dedent(body))
-    path.chmod(0o755)
 
 
 def is_alive(pid: int) -> bool:
@@ -79,9 +45,6 @@ def tpu_job(**changes) -> tpu_pod.TpuJob:
                   runtime_version="tpu-ubuntu2204-base", config=CONFIG, workdir="gs://bucket/run",
                   overrides=("--config.train.num_steps=7", TRICKY))
     return tpu_pod.TpuJob(**{**fields, **changes})
-
-
-# ---------------------------------------------------------------- TPU pod
 
 
 def test_tpu_dry_run_checks_creates_ships_installs_starts_in_order():
@@ -341,208 +304,3 @@ def test_tpu_worker_scripts_install_start_keep_alive_log_and_stop(tmp_path):
                 os.kill(record["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-# ---------------------------------------------------------------- single GPU node
-
-
-def test_gpu_node_dry_run_sets_gpus_memory_and_tees_into_the_workdir(tmp_path):
-    result = launcher("gpu_node.py", f"--config={CONFIG}", f"--workdir={tmp_path}/run",
-                      "--gpus=0,1,2,3", "--dry-run", "--", TRICKY)
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
-    assert shlex.split(lines[0]) == ["mkdir", "-p", f"{tmp_path}/run/logs"]
-    command, tee = lines[1].split(" 2>&1 | ")
-    argv = shlex.split(command)
-    assert argv[:4] == [
-        "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "PYTHONUNBUFFERED=1",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
-    ]
-    assert argv[4:] == common.main_command(argv[4], config=CONFIG, workdir=f"{tmp_path}/run",
-                                           overrides=[TRICKY])
-    assert "--multihost" not in argv
-    assert shlex.split(tee) == ["tee", "-a", f"{tmp_path}/run/logs/gpu_node.log"]
-    assert os.path.isfile(argv[4])  # the interpreter
-
-
-def test_gpu_node_memory_choices():
-    assert gpu_node.gpu_env(gpus=None, mem_fraction=0.5, preallocate=True) == {
-        "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"
-    }
-    assert gpu_node.gpu_env(gpus="1", mem_fraction=0.9, preallocate=False) == {
-        "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1",
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"
-    }
-
-
-@pytest.mark.parametrize("args, message",
-                         [(["--gpus=0,a"], "GPU indices"), (["--gpus=0,0"], "twice"),
-                          (["--mem-fraction=1.5"], "(0, 1]"),
-                          (["--workdir=gs://b/r"], "filesystem"),
-                          (["--", "--multihost"], "set by the launcher"),
-                          (["--mem-fraction=0.5", "--no-preallocate"], "not allowed with")])
-def test_gpu_node_bad_arguments_exit_2(capsys, args, message):
-    with pytest.raises(SystemExit) as exit_info:
-        gpu_node.main([f"--config={CONFIG}", "--workdir=w", "--dry-run", *args])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_gpu_node_runs_the_command_and_appends_its_output_to_the_log(tmp_path, capsys):
-    python = tmp_path / "python"
-    fake_program(
-        python, """
-        keys = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "PYTHONUNBUFFERED")
-        print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
-                          "env": {k: os.environ.get(k) for k in keys}}))
-        print("oops", file=sys.stderr)
-        sys.exit(3)
-    """)
-    workdir = tmp_path / "run"
-    args = [
-        f"--config={CONFIG}", f"--workdir={workdir}", "--gpus=2,3", "--no-preallocate",
-        f"--python={python}", "--mode=sample", "--", TRICKY
-    ]
-    for attempt in (1, 2):
-        assert gpu_node.main(args) == 3
-    record = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert record["argv"] == common.main_command("x", config=CONFIG, workdir=str(workdir),
-                                                 mode="sample", overrides=[TRICKY])[1:]
-    assert record["cwd"] == str(REPO)
-    assert record["env"] == {
-        "CUDA_VISIBLE_DEVICES": "2,3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-        "PYTHONUNBUFFERED": "1"
-    }
-    log = (workdir / "logs/gpu_node.log").read_text()
-    assert log.count("oops") == 2 and log.count("=== exit status 3") == 2  # appended, not replaced
-
-
-# ---------------------------------------------------------------- SLURM
-
-SLURM_ARGS = [
-    "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--time=1-00:00:00", f"--config={CONFIG}",
-    "--workdir=/shared/runs/cifar", "--account=proj", "--python=/shared/venv/bin/python"
-]
-
-
-def test_slurm_dry_run_prints_the_sbatch_script():
-    result = launcher("slurm.py", *SLURM_ARGS, "--dry-run", "--", TRICKY)
-    assert result.returncode == 0, result.stderr
-    script = result.stdout
-    assert script.startswith("#!/bin/bash\n")
-    directives = [
-        line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")
-    ]
-    assert set(directives) >= {
-        "--job-name=jaxdpdm-cifar", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
-        "--partition=gpu", "--time=1-00:00:00", "--account=proj", "--requeue",
-        "--signal=B:USR1@120", "--output=/shared/runs/cifar/slurm/%x-%j.out", "--open-mode=append",
-        "--dependency=singleton"
-    }
-    (srun_line,) = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert srun_line.endswith(" &")
-    assert shlex.split(srun_line[:-2]) == [
-        "srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-        *common.main_command("/shared/venv/bin/python", config=CONFIG, workdir="/shared/runs/cifar",
-                             multihost=True, overrides=[TRICKY])
-    ]
-    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script
-    assert "trap requeue_before_time_limit USR1" in script
-    assert "sbatch /shared/runs/cifar/slurm/jaxdpdm-cifar.sbatch" in result.stderr
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-
-
-def test_slurm_gres_directive_for_older_clusters():
-    job = slurm.SlurmJob(config=CONFIG, workdir="/w", nodes=2, gpus_per_node=4, time="60",
-                         job_name="t", python="python", use_gres=True)
-    script = slurm.sbatch_script(job)
-    assert "#SBATCH --gres=gpu:4\n" in script and "--gpus-per-node" not in script
-
-
-@pytest.mark.parametrize("text, seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200),
-                                           ("1-12", 129600), ("1-0:30", 88200),
-                                           ("2-01:02:03", 176523), ("UNLIMITED", None)])
-def test_slurm_time_limits(text, seconds):
-    assert slurm.time_limit_seconds(text) == seconds
-
-
-@pytest.mark.parametrize("args, message", [(["--time=soon"], "not a SLURM time limit"),
-                                           (["--time=1"], "shorter than --time"),
-                                           (["--nodes=0"], "at least 1"),
-                                           (["--workdir=gs://b/r"], "filesystem"),
-                                           (["--sbatch-arg=exclusive"], "sbatch option"),
-                                           (["--", "--mode=sample"], "set by the launcher")])
-def test_slurm_bad_arguments_exit_2(capsys, args, message):
-    with pytest.raises(SystemExit) as exit_info:
-        slurm.main([*SLURM_ARGS, "--dry-run", *args])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_slurm_writes_and_submits(tmp_path, monkeypatch, capsys):
-    fake_program(
-        tmp_path / "sbatch", """
-        open(os.environ["FAKE_LOG"], "a").write(json.dumps(sys.argv[1:]) + "\\n")
-        print("Submitted batch job 42")
-    """)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "sbatch.jsonl"))
-    args = [a for a in SLURM_ARGS if not a.startswith("--workdir")] + [f"--workdir={tmp_path}/r"]
-    assert slurm.main([*args, "--no-submit"]) == 0
-    script_path = tmp_path / "r/slurm/jaxdpdm-r.sbatch"
-    assert script_path.read_text().startswith("#!/bin/bash")
-    assert not (tmp_path / "sbatch.jsonl").exists()
-    assert slurm.main(args) == 0
-    assert json.loads((tmp_path / "sbatch.jsonl").read_text()) == [str(script_path)]
-
-
-@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
-@pytest.mark.parametrize("restarts, requeued", [(0, True), (20, False)])
-def test_slurm_script_runs_srun_and_requeues_on_usr1(tmp_path, restarts, requeued):
-    """Runs the generated script with fake srun/scontrol; USR1 (the time-limit warning) requeues."""
-    fake_program(
-        tmp_path / "srun", """
-        record = {"argv": sys.argv[1:], "pid": os.getpid(),
-                  "local_ids": os.environ.get("JAX_LOCAL_DEVICE_IDS")}
-        json.dump(record, open(os.environ["FAKE_DIR"] + "/srun.tmp", "w"))
-        os.replace(os.environ["FAKE_DIR"] + "/srun.tmp", os.environ["FAKE_DIR"] + "/srun.json")
-        time.sleep(30)
-    """)
-    fake_program(
-        tmp_path / "scontrol", """
-        open(os.environ["FAKE_DIR"] + "/scontrol.json", "w").write(json.dumps(sys.argv[1:]))
-    """)
-    job = slurm.SlurmJob(config=CONFIG, workdir=str(tmp_path / "run"), nodes=2, gpus_per_node=4,
-                         time="10:00", job_name="t", python="/venv/bin/python", overrides=(TRICKY,))
-    env = {
-        **os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-        "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node[1-2]",
-        "SLURM_RESTART_COUNT": str(restarts)
-    }
-    batch = subprocess.Popen(["bash", "-c", slurm.sbatch_script(job)], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    record = None
-    try:
-        for _ in range(200):
-            if (tmp_path / "srun.json").exists():
-                break
-            time.sleep(0.05)
-        record = json.loads((tmp_path / "srun.json").read_text())
-        assert record["argv"] == slurm.srun_command(job)[1:]
-        assert record["local_ids"] == "0,1,2,3"
-        batch.send_signal(signal.SIGUSR1)
-        assert batch.wait(timeout=20) == 128 + signal.SIGUSR1  # `wait` interrupted by the trap
-    finally:
-        batch.kill()
-        if record is not None:  # the fake srun outlives bash and holds its stdout open
-            try:
-                os.kill(record["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    output = batch.stdout.read()
-    if requeued:
-        assert json.loads((tmp_path / "scontrol.json").read_text()) == ["requeue", "1234"]
-        assert "requeueing job 1234" in output
-    else:
-        assert not (tmp_path / "scontrol.json").exists()
-        assert "already requeued 20 times" in output
