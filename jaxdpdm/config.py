@@ -126,7 +126,8 @@ def get_config(arg=None):
     config.train.num_steps = 200
     # Expected (DP, = q*N) or fixed (pretrain) logical batch size.
     config.train.batch_size = 128
-    # Examples per device per vmap call; peak memory is set by this, not by the batch size.
+    # Examples per device per vmap call; peak memory is set by this times K (each example runs K
+    # forward/backward passes), not by the batch size.
     config.train.microbatch_size = 32
     config.train.learning_rate = 1e-3
     config.train.warmup_steps = 10
