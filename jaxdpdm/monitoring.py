@@ -1,11 +1,17 @@
-"""What a long run shows while it works: metrics with speed and ETA, and sample grids."""
+"""What a long run shows while it works: metrics (speed, ETA, peak memory) and sample grids."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import time
+
+try:
+    import resource  # POSIX only
+except ImportError:  # Windows
+    resource = None
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +68,25 @@ class MetricsLogger:
     def close(self) -> None:
         if self._events is not None:
             self._events.close()
+
+
+def memory_metrics() -> dict[str, float]:
+    """Peak memory of this process so far, in GB, for the progress line (to choose
+    `train.microbatch_size` before a long run is killed for memory).
+
+    `host_peak_gb`: the peak resident set size (where the OS reports it: Linux, macOS);
+    `device_peak_gb`: the largest peak over this process's devices, where the backend reports one
+    (GPU, TPU; XLA:CPU does not, and there the host figure holds the arrays).
+    """
+    metrics = {}
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        metrics["host_peak_gb"] = peak * (1 if sys.platform == "darwin" else 1024) / 1e9
+    stats = [device.memory_stats() or {} for device in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    if peaks:
+        metrics["device_peak_gb"] = max(peaks) / 1e9
+    return metrics
 
 
 def _append_line(path: str, line: str) -> None:

@@ -36,7 +36,7 @@ from jaxdpdm.experiment import build_experiment, dataset_fingerprint
 from jaxdpdm.interrupts import SignalFlag, pause_for_tests, signals_deferred
 from jaxdpdm.models import count_params
 from jaxdpdm.evaluation.label_consistency import format_consistency
-from jaxdpdm.monitoring import GridWriter, MetricsLogger, score_label_consistency
+from jaxdpdm.monitoring import GridWriter, MetricsLogger, memory_metrics, score_label_consistency
 from jaxdpdm.plans import make_plan
 from jaxdpdm.resume import check_workdir
 from jaxdpdm.workdir_lock import WorkdirLock
@@ -233,7 +233,8 @@ class Trainer:
                     return True
                 fetch_metrics = self.train_step()
                 if self.step % c.train.log_every == 0 or self.step == c.train.num_steps:
-                    logger.write(self.step, self.plan.annotate(fetch_metrics()))
+                    logger.write(self.step,
+                                 {**self.plan.annotate(fetch_metrics()), **memory_metrics()})
                 if self.step % c.train.checkpoint_every == 0:
                     self.save()
                 if c.train.sample_every and self.step % c.train.sample_every == 0:

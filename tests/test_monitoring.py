@@ -1,4 +1,5 @@
-"""MetricsLogger: a console line with speed and ETA, metrics.jsonl, and TensorBoard scalars.
+"""MetricsLogger: a console line with speed and ETA, metrics.jsonl, and TensorBoard scalars;
+the peak-memory metrics.
 
 (GridWriter compiles a sampler; it is covered end to end by tests/test_train.py.)
 """
@@ -9,6 +10,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from jaxdpdm import monitoring
@@ -130,3 +132,24 @@ def test_without_the_tensorboard_extra_metrics_still_reach_the_jsonl_file(
     clock(5.0)
     monitoring.MetricsLogger(str(tmp_path), num_steps=4).write(3, {"loss": 0.5})
     assert [r["step"] for r in _jsonl(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_memory_metrics_report_the_peak_resident_set_in_gb():
+    held = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    with open("/proc/self/status") as f:
+        (rss_kib,) = [int(line.split()[1]) for line in f if line.startswith("VmRSS:")]
+    metrics = monitoring.memory_metrics()
+    assert held.sum() > 0
+    # The peak is at least what is resident now (which includes the array), and in GB: a slip of
+    # the unit (KiB, bytes) would be off by 1024.
+    rss_gb = rss_kib * 1024 / 1e9
+    assert 0.99 * rss_gb <= metrics["host_peak_gb"] < 100 * rss_gb
+    assert "device_peak_gb" not in metrics  # XLA:CPU reports no device memory
+
+
+def test_memory_metrics_take_the_largest_device_peak(monkeypatch):
+    devices = [types.SimpleNamespace(memory_stats=lambda stats=stats: stats)
+               for stats in ({"peak_bytes_in_use": 2e9}, None, {"peak_bytes_in_use": 3e9}, {})]
+    monkeypatch.setattr(monitoring.jax, "local_devices", lambda: devices)
+    assert monitoring.memory_metrics()["device_peak_gb"] == 3.0

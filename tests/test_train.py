@@ -193,6 +193,16 @@ def test_a_fixed_seed_is_warned_about_and_stated_in_the_report(finished_run):
     assert not (workdir / LOCK_NAME).exists()  # released at the end of the run
 
 
+def test_progress_lines_carry_the_epsilon_spent_and_the_peak_memory(finished_run):
+    _, result, workdir = finished_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines][-1] == 3
+    assert all(line["host_peak_gb"] > 0.1 for line in lines)  # a jax process holds > 100 MB
+    guarantee = result["privacy"]["guarantee"]
+    enforced = guarantee["epsilon_" + guarantee["enforced_accountant"]]
+    assert lines[-1]["epsilon"] == pytest.approx(enforced)  # the last line is the whole run
+
+
 @pytest.mark.parametrize("sigma", [0.0, -1.0])
 def test_a_dp_run_without_noise_is_refused_before_writing_anything(tmp_path, tiny_config, sigma):
     config = tiny_config()
