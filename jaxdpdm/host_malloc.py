@@ -19,10 +19,14 @@ reused by the next. (The first version set the largest positive threshold mallop
 gradient call of the 439,505-parameter UNet, gave the excess back and faulted it in again on the
 next call; RESULTS.md section 23.) The cost is that the heap keeps its high-water mark (freed
 memory is reused, not returned to the system): about 1.1 GB more peak resident memory in
-Fashion-MNIST training, 0.25 GB in its evaluation. Numbers, gradients and samples do not change:
-only where memory comes from. Measured on 2 cores only: on a many-core CPU host, threads that
-allocate large blocks at once wait for the one arena's lock (glibc's per-thread cache serves
-small blocks without it); compare with `JAXDPDM_MALLOC_DEFAULTS=0` there.
+Fashion-MNIST training, 0.25 GB in its evaluation, in the runs of section 19. That mark is not
+fixed: now and then a call cannot reuse the freed block and the heap grows by one more working
+set, for good (a K = 8 Fashion-MNIST DP fine-tune went from 11.6 to 15.1 GB; section 31 and
+`benchmarks/heap_growth.py`); where memory is tighter than time, opt out. Numbers, gradients
+and samples do not change: only where memory comes from. Measured on 2 cores only: on a
+many-core CPU host, threads that allocate large blocks at once wait for the one arena's lock
+(glibc's per-thread cache serves small blocks without it); compare with
+`JAXDPDM_MALLOC_DEFAULTS=0` there.
 
 When: `apply()` runs when jaxdpdm is imported. It changes nothing (and returns False) when
 the user opted out (`JAXDPDM_MALLOC_DEFAULTS=0`), when the user already tunes malloc

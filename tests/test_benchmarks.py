@@ -1,5 +1,5 @@
-"""benchmarks/dp_step.py, conv_impl.py, xla_options.py and gpu_check.{sh,py}: they run, and report
-what they claim.
+"""benchmarks/dp_step.py, conv_impl.py, xla_options.py, heap_growth.py and gpu_check.{sh,py}:
+they run, and report what they claim.
 
 No timing is asserted anywhere (the machine is shared); only structure and invariants.
 The GPU check's smoke mode runs in a subprocess through gpu_check.sh, exactly as on the GPU
@@ -316,3 +316,18 @@ def test_xla_options_compiles_each_candidate_and_reports_speedups(capsys, tmp_pa
         first = name.split("/")[0] + "/dot,eltwise,reduce"
         assert speedup == pytest.approx(result["medians_s"][first] / result["medians_s"][name])
     assert result["speedup_over_first"]["sample/dot,eltwise,reduce"] == 1.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs glibc Linux and /proc")
+def test_heap_growth_reports_each_setting_and_glibc_faults_every_call(capsys):
+    heap_growth = _load("heap_growth")
+    assert heap_growth.main(["--mib=64", "--calls=3", "--settings=jaxdpdm,glibc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    report = json.loads(lines[-1])
+    assert [line.split()[0] for line in lines[:-1]] == ["jaxdpdm", "glibc"]
+    for record in report["results"].values():
+        assert record["temp_bytes"] >= 64 * 2**20  # the [n, n] product is the temporary
+        assert len(record["rss_gb"]) == 1 + 3 and record["peak_gb"] >= max(record["rss_gb"]) * 0.99
+    # glibc maps a block over 32 MiB afresh on every call: each call faults all of its pages in,
+    # the cost jaxdpdm's settings exist to avoid.
+    assert report["results"]["glibc"]["faults_per_call"] >= 0.9 * 64 * 2**20 / 4096
