@@ -39,9 +39,9 @@ value is ours): augmentation multiplicity and the fine-tuning timestep mixture o
 `recipes.fashion_mnist_base`, shared with phase 1. A step processes the Poisson draw (about 256
 examples) in chunks of `microbatch_size` = 32 rows, one compiled call each, only the last one
 padded; peak memory is set by the 32-row microbatch times K (each row runs K passes; at K = 8 the
-training process held 11.6 GB on the CPU). Measured cost on the 2-core development
-machine (steps/s, wall time of training, sampling and evaluation, the real-data reference):
-benchmarks/RESULTS.md section 6.
+training process held 11.6-15.1 GB on the CPU, RESULTS.md section 31). Measured cost on the 2-core
+development machine (steps/s, wall time of training, sampling and evaluation, the real-data
+reference): benchmarks/RESULTS.md section 6.
 """
 
 from jaxdpdm.recipes import (FASHION_MNIST_PRETRAIN_WORKDIR, FASHION_MNIST_SMOKE_PRETRAIN_WORKDIR,
