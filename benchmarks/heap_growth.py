@@ -27,6 +27,7 @@ _CHILD = r"""
 import ctypes, json, resource, sys, time
 import jaxdpdm  # applies (or not, per JAXDPDM_MALLOC_DEFAULTS) the malloc settings
 import jax, jax.numpy as jnp
+from jaxdpdm.monitoring import memory_metrics
 n, calls, trim_every = (int(a) for a in sys.argv[1:4])
 
 @jax.jit
@@ -49,7 +50,7 @@ for i in range(calls):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     rss.append(rss_gb())
 after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"temp_bytes": temp, "rss_gb": rss, "peak_gb": after.ru_maxrss * 1024 / 1e9,
+print(json.dumps({"temp_bytes": temp, "rss_gb": rss, "peak_gb": memory_metrics()["host_peak_gb"],
                   "faults_per_call": (after.ru_minflt - before.ru_minflt) / calls,
                   "system_s": after.ru_stime - before.ru_stime,
                   "wall_s": time.perf_counter() - start}))
